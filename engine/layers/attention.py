@@ -1,0 +1,117 @@
+"""Attention over the paged KV cache: the only op of the model that is split per request.
+
+Token-wise ops see one flattened batch; here the rows are cut back into requests. The model runner
+orders rows as decode requests (sorted by context length, in groups of similar length) followed by
+prefill chunks, and precomputes every gather index once per step, so each layer only does copies
+into a reused workspace and one fused attention call per group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DecodeGroup:
+    """Rows [start, end) are single-token requests whose contexts are gathered to length `ctx_len`."""
+
+    start: int
+    end: int
+    ctx_len: int
+    gather_index: torch.Tensor  # [(end-start) * kv_heads * ctx_len] rows of the [slots * kv_heads, head_dim] cache
+    mask: torch.Tensor  # [end-start, 1, 1, ctx_len] bool, True where the slot holds context
+
+
+@dataclass
+class PrefillSeq:
+    """Rows [start, end) are consecutive prompt tokens; with earlier context, that context is gathered too."""
+
+    start: int
+    end: int
+    gather_index: torch.Tensor | None = None  # None: no earlier context, attend to the chunk itself
+    mask: torch.Tensor | None = None  # [end-start, ctx_len] causal mask shifted by the earlier context
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens]: cache slot receiving each new token's K and V
+    decode_groups: list[DecodeGroup] = field(default_factory=list)
+    prefills: list[PrefillSeq] = field(default_factory=list)
+    workspace_rows: int = 0  # largest gather of this step, so one buffer serves every layer
+
+
+_context: AttentionMetadata | None = None
+
+
+def set_context(meta: AttentionMetadata | None) -> None:
+    global _context
+    _context = meta
+
+
+def get_context() -> AttentionMetadata:
+    assert _context is not None, "attention called outside a model-runner step"
+    return _context
+
+
+class TorchAttentionBackend:
+    """Gather + scaled_dot_product_attention. Works on any torch device; Triton kernels can replace it."""
+
+    def __init__(self) -> None:
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+
+    def _workspace(self, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Fresh multi-megabyte tensors cost page faults on every layer; reuse one buffer pair instead.
+        if self._k is None or self._k.shape[0] < rows or self._k.dtype != like.dtype or self._k.device != like.device:
+            self._k = torch.empty(rows, like.shape[-1], dtype=like.dtype, device=like.device)
+            self._v = torch.empty_like(self._k)
+        return self._k, self._v
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q: [T, H, D]; k, v: [T, KVH, D]; caches: [slots, KVH, D]. Returns [T, H, D]."""
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+        num_heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
+        kc, vc = k_cache.view(-1, dim), v_cache.view(-1, dim)
+        kbuf, vbuf = self._workspace(meta.workspace_rows, q)
+        out = torch.empty_like(q)
+        for g in meta.decode_groups:
+            n, rows = g.end - g.start, g.gather_index.numel()
+            keys = torch.index_select(kc, 0, g.gather_index, out=kbuf[:rows]).view(n, kv_heads, g.ctx_len, dim)
+            vals = torch.index_select(vc, 0, g.gather_index, out=vbuf[:rows]).view(n, kv_heads, g.ctx_len, dim)
+            # One query per head: the query heads sharing a KV head stand in as that head's query rows.
+            qg = q[g.start:g.end].view(n, kv_heads, num_heads // kv_heads, dim)
+            out[g.start:g.end] = F.scaled_dot_product_attention(
+                qg, keys, vals, attn_mask=g.mask, scale=scale).view(n, num_heads, dim)
+        for p in meta.prefills:
+            qp = q[p.start:p.end].transpose(0, 1).unsqueeze(0)
+            if p.gather_index is None:
+                keys, vals = k[p.start:p.end], v[p.start:p.end]
+            else:
+                rows = p.gather_index.numel()
+                keys = torch.index_select(kc, 0, p.gather_index, out=kbuf[:rows]).view(-1, kv_heads, dim)
+                vals = torch.index_select(vc, 0, p.gather_index, out=vbuf[:rows]).view(-1, kv_heads, dim)
+            o = F.scaled_dot_product_attention(
+                qp, keys.transpose(0, 1).unsqueeze(0), vals.transpose(0, 1).unsqueeze(0),
+                attn_mask=p.mask, is_causal=p.mask is None, scale=scale, enable_gqa=True)
+            out[p.start:p.end] = o[0].transpose(0, 1)
+        return out
+
+
+class Attention(nn.Module):
+    """Per-layer handle on its slice of the KV cache; the backend is shared by all layers."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, backend: TorchAttentionBackend) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.backend = backend
+        self.k_cache = self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, get_context(), self.scale)
+        return out.view(q.shape[0], -1)

@@ -1,0 +1,89 @@
+"""Column- and row-parallel linear layers: each rank holds a shard and loads only its slice of the checkpoint."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import parallel
+
+
+class LinearBase(nn.Module):
+    def __init__(self, in_features: int, out_features: int, tp_dim: int | None) -> None:
+        super().__init__()
+        self.tp_dim, self.rank, self.world = tp_dim, parallel.tp_rank(), parallel.tp_size()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None) -> None:
+        param.data.copy_(loaded)
+
+
+class ReplicatedLinear(LinearBase):
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class ColumnParallelLinear(LinearBase):
+    """Splits the output features across ranks; no communication in forward."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        world = parallel.tp_size()
+        assert out_features % world == 0, f"out_features={out_features} not divisible by tensor parallel size {world}"
+        super().__init__(in_features, out_features // world, 0)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None) -> None:
+        size = param.shape[0]
+        param.data.copy_(loaded.narrow(0, self.rank * size, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of one input (gate and up) fused into one GEMM."""
+
+    def __init__(self, in_features: int, out_sizes: list[int]) -> None:
+        self.out_sizes = out_sizes
+        super().__init__(in_features, sum(out_sizes))
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None) -> None:
+        assert isinstance(shard_id, int)
+        offset = sum(self.out_sizes[:shard_id]) // self.world
+        size = self.out_sizes[shard_id] // self.world
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.rank * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Q, K and V projections in one GEMM; each rank owns whole heads, so attention needs no communication."""
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int) -> None:
+        world = parallel.tp_size()
+        assert num_heads % world == 0 and num_kv_heads % world == 0, (
+            f"num_heads={num_heads} and num_kv_heads={num_kv_heads} must be divisible by tensor parallel size {world}")
+        self.head_dim, self.num_heads, self.num_kv_heads = head_dim, num_heads // world, num_kv_heads // world
+        super().__init__(hidden, (num_heads + 2 * num_kv_heads) * head_dim)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None) -> None:
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.rank * size, size))
+
+
+class RowParallelLinear(LinearBase):
+    """Splits the input features across ranks; partial sums are all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        world = parallel.tp_size()
+        assert in_features % world == 0, f"in_features={in_features} not divisible by tensor parallel size {world}"
+        super().__init__(in_features // world, out_features, 1)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None) -> None:
+        size = param.shape[1]
+        param.data.copy_(loaded.narrow(1, self.rank * size, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return parallel.all_reduce(F.linear(x, self.weight))

