@@ -1,6 +1,7 @@
 """The engine loop: admit requests, run one iteration, sample, retire finished requests — repeat."""
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
@@ -136,8 +137,8 @@ class LLMEngine:
             raise ValueError(f"prompt: token id {bad!r} is outside the vocabulary [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt: {len(ids)} tokens leave no room in the context length of {self.max_model_len}")
-        if params.max_tokens is None:
-            params.max_tokens = self.max_model_len - len(ids)
+        if params.max_tokens is None:  # copy: one params object may serve many prompts
+            params = dataclasses.replace(params, max_tokens=self.max_model_len - len(ids))
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
                              f"exceeds the context length of {self.max_model_len}")

@@ -1,0 +1,52 @@
+"""Shared fixtures: the bundled model's path and a float32 transformers reference built from the same GGUF."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from orca.engine.loaders import default_model_path
+
+SYSTEM = ("You are Orca, a meticulous assistant for platform engineers. You answer questions about Kubernetes, "
+          "GPUs, batching and schedulers with short, precise sentences, cite the relevant API object, and never "
+          "invent flags that do not exist. When unsure, you say so and suggest how to check.")
+STORY = ("The lighthouse keeper climbed the spiral stairs each evening, counting the steps aloud, ninety-one, "
+         "ninety-two, until the lamp room opened above him like a glass flower. ")
+
+# Eight prompts of very different lengths; the last two share a long system prefix (prefix-cache hits).
+PROMPTS = [
+    "Hi",
+    "The capital of France is",
+    "List three prime numbers and explain why each is prime:",
+    "Summarize the following story in one sentence. " + STORY * 3,
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n" + "    # iterative version\n" * 4,
+    "Continue the story. " + STORY * 14,
+    SYSTEM + "\nQuestion: what does a PodDisruptionBudget protect against?\nAnswer:",
+    SYSTEM + "\nQuestion: why does continuous batching raise GPU utilisation?\nAnswer:",
+]
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_path: str):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(model_path), gguf_file=os.path.basename(model_path), torch_dtype=torch.float32)
+    return model.eval()
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
+    """Plain greedy decoding with the reference's own KV cache, EOS ignored."""
+    out = model(torch.tensor([prompt_ids]), use_cache=True)
+    tokens = [int(out.logits[0, -1].argmax())]
+    for _ in range(n - 1):
+        out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens
