@@ -10,6 +10,7 @@ import torch
 
 from .block_manager import BlockManager
 from .config import ModelConfig
+from .layers.attention import select_backend
 from .loaders import load_model
 from .model_runner import ModelRunner
 from .models.llama import LlamaForCausalLM
@@ -104,7 +105,7 @@ class LLMEngine:
         self.model_name = config.model or "SmolLM2-135M-Instruct"
         self.max_model_len = min(config.max_model_len or loaded.config.max_position, loaded.config.max_position)
         with torch.device(self.device):
-            model = LlamaForCausalLM(loaded.config).to(self.dtype)
+            model = LlamaForCausalLM(loaded.config, select_backend(self.device)).to(self.dtype)
         model.load_weights(loaded.weights())
         model.eval()
         per_block = ModelRunner.kv_bytes_per_block(loaded.config, config.block_size, self.dtype)

@@ -1,16 +1,32 @@
 """Turns a scheduled batch into one flattened forward pass over the paged KV cache, then samples."""
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from .config import ModelConfig
-from .layers.attention import AttentionMetadata, DecodeGroup, PrefillSeq, set_context
+from .layers.attention import AttentionMetadata, PrefillSeq, set_context
 from .models.llama import LlamaForCausalLM
 from .sampler import Sampler
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
-DECODE_GROUP_SIZE = 32  # decode requests per padded attention call: less padding vs fewer calls
+
+def keep_freed_memory() -> None:
+    """Stop glibc from returning large freed blocks to the OS.
+
+    Every step allocates activations of tens of megabytes; by default glibc serves each with a
+    fresh mmap and unmaps it on free, so every step page-faults its activations in again (about
+    10% of a CPU run). Keeping freed memory in the heap makes the next step reuse it.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 30)
 
 
 class ModelRunner:
@@ -24,6 +40,8 @@ class ModelRunner:
             attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
             attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.sampler = Sampler()
+        if device.type == "cpu":
+            keep_freed_memory()
 
     @staticmethod
     def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, tp: int = 1) -> int:
@@ -54,29 +72,19 @@ class ModelRunner:
         positions = torch.arange(num_tokens) - torch.repeat_interleave(offsets - starts_t, counts_t, output_size=num_tokens)
         slot_mapping = tables[row, positions // bs] * bs + positions % bs
         heads = torch.arange(kvh)
-
-        def slots(rows: slice, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-            pos = torch.arange(length)
-            valid = pos.unsqueeze(0) < ctx_t[rows].unsqueeze(1)
-            s = torch.where(valid, tables[rows][:, pos // bs] * bs + pos % bs, 0)
-            return s, valid
-
-        meta = AttentionMetadata(slot_mapping=slot_mapping.to(self.device))
-        for g in range(0, len(decodes), DECODE_GROUP_SIZE):
-            rows = slice(g, min(g + DECODE_GROUP_SIZE, len(decodes)))
-            length = int(ctx_t[rows.stop - 1])
-            s, valid = slots(rows, length)
-            index = (s.unsqueeze(1) * kvh + heads.view(1, -1, 1)).flatten()
-            meta.decode_groups.append(DecodeGroup(rows.start, rows.stop, length, index.to(self.device),
-                                                  valid[:, None, None, :].to(self.device)))
-            meta.workspace_rows = max(meta.workspace_rows, index.numel())
+        nd = len(decodes)
+        meta = AttentionMetadata(slot_mapping=slot_mapping.to(self.device), block_size=bs, num_decodes=nd)
+        if nd:
+            meta.block_tables = tables[:nd].to(torch.int32).to(self.device)
+            meta.context_lens = ctx_t[:nd].to(torch.int32).to(self.device)
         for r in range(len(decodes), len(seqs)):
             start, n = int(offsets[r]), counts_l[r]
             p = PrefillSeq(start, start + n)
             if starts_l[r] > 0:
                 length = starts_l[r] + n
-                s, _ = slots(slice(r, r + 1), length)
-                p.gather_index = (s[0].unsqueeze(1) * kvh + heads).flatten().to(self.device)
+                pos = torch.arange(length)
+                s = tables[r][pos // bs] * bs + pos % bs
+                p.gather_index = (s.unsqueeze(1) * kvh + heads).flatten().to(self.device)
                 q_pos = torch.arange(starts_l[r], length).unsqueeze(1)
                 p.mask = (torch.arange(length).unsqueeze(0) <= q_pos).to(self.device)
                 meta.workspace_rows = max(meta.workspace_rows, p.gather_index.numel())

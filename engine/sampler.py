@@ -65,7 +65,7 @@ class Sampler:
         raw = logits
         logits = apply_penalties(logits, seqs)
         params = [s.params for s in seqs]
-        tokens = logits.argmax(dim=-1)
+        tokens = logits.max(dim=-1).indices  # first maximum, like argmax, but several times faster on CPU
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:
             sub = logits[sampled] / torch.tensor([params[i].temperature for i in sampled]).unsqueeze(1)

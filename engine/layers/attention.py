@@ -1,28 +1,19 @@
 """Attention over the paged KV cache: the only op of the model that is split per request.
 
 Token-wise ops see one flattened batch; here the rows are cut back into requests. The model runner
-orders rows as decode requests (sorted by context length, in groups of similar length) followed by
-prefill chunks, and precomputes every gather index once per step, so each layer only does copies
-into a reused workspace and one fused attention call per group.
+orders rows as decode requests (sorted by context length) followed by prefill chunks, and builds
+the block tables once per step. On CPUs a C++ kernel reads decode contexts from the paged cache in
+place; elsewhere (and for prefills with earlier context) contexts are gathered into a reused
+workspace for one fused SDPA call per group.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-@dataclass
-class DecodeGroup:
-    """Rows [start, end) are single-token requests whose contexts are gathered to length `ctx_len`."""
-
-    start: int
-    end: int
-    ctx_len: int
-    gather_index: torch.Tensor  # [(end-start) * kv_heads * ctx_len] rows of the [slots * kv_heads, head_dim] cache
-    mask: torch.Tensor  # [end-start, 1, 1, ctx_len] bool, True where the slot holds context
 
 
 @dataclass
@@ -38,9 +29,13 @@ class PrefillSeq:
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens]: cache slot receiving each new token's K and V
-    decode_groups: list[DecodeGroup] = field(default_factory=list)
+    block_size: int
+    num_decodes: int = 0  # rows [0, num_decodes) are single-token decodes, sorted by context length
+    block_tables: torch.Tensor | None = None  # [num_decodes, width] int32
+    context_lens: torch.Tensor | None = None  # [num_decodes] int32, including the new token
     prefills: list[PrefillSeq] = field(default_factory=list)
-    workspace_rows: int = 0  # largest gather of this step, so one buffer serves every layer
+    workspace_rows: int = 0  # largest prefill gather of this step, so one buffer serves every layer
+    derived: dict = field(default_factory=dict)  # what a backend computes once per step for all layers
 
 
 _context: AttentionMetadata | None = None
@@ -56,8 +51,19 @@ def get_context() -> AttentionMetadata:
     return _context
 
 
+@dataclass
+class _DecodeGroup:
+    start: int
+    end: int
+    ctx_len: int
+    gather_index: torch.Tensor  # [(end-start) * kv_heads * ctx_len] rows of the [slots * kv_heads, head_dim] cache
+    mask: torch.Tensor  # [end-start, 1, 1, ctx_len] bool, True where the slot holds context
+
+
 class TorchAttentionBackend:
-    """Gather + scaled_dot_product_attention. Works on any torch device; Triton kernels can replace it."""
+    """Gather + scaled_dot_product_attention. Works on any torch device; kernels can replace parts of it."""
+
+    DECODE_GROUP_SIZE = 32  # decode requests per padded attention call: less padding vs fewer calls
 
     def __init__(self) -> None:
         self._k: torch.Tensor | None = None
@@ -75,23 +81,17 @@ class TorchAttentionBackend:
         """q: [T, H, D]; k, v: [T, KVH, D]; caches: [slots, KVH, D]. Returns [T, H, D]."""
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
-        num_heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
-        kc, vc = k_cache.view(-1, dim), v_cache.view(-1, dim)
-        kbuf, vbuf = self._workspace(meta.workspace_rows, q)
         out = torch.empty_like(q)
-        for g in meta.decode_groups:
-            n, rows = g.end - g.start, g.gather_index.numel()
-            keys = torch.index_select(kc, 0, g.gather_index, out=kbuf[:rows]).view(n, kv_heads, g.ctx_len, dim)
-            vals = torch.index_select(vc, 0, g.gather_index, out=vbuf[:rows]).view(n, kv_heads, g.ctx_len, dim)
-            # One query per head: the query heads sharing a KV head stand in as that head's query rows.
-            qg = q[g.start:g.end].view(n, kv_heads, num_heads // kv_heads, dim)
-            out[g.start:g.end] = F.scaled_dot_product_attention(
-                qg, keys, vals, attn_mask=g.mask, scale=scale).view(n, num_heads, dim)
+        if meta.num_decodes:
+            self.decode(out[:meta.num_decodes], q[:meta.num_decodes], k_cache, v_cache, meta, scale)
+        kv_heads, dim = k.shape[1], q.shape[2]
+        kc, vc = k_cache.view(-1, dim), v_cache.view(-1, dim)
         for p in meta.prefills:
             qp = q[p.start:p.end].transpose(0, 1).unsqueeze(0)
             if p.gather_index is None:
                 keys, vals = k[p.start:p.end], v[p.start:p.end]
             else:
+                kbuf, vbuf = self._workspace(meta.workspace_rows, q)
                 rows = p.gather_index.numel()
                 keys = torch.index_select(kc, 0, p.gather_index, out=kbuf[:rows]).view(-1, kv_heads, dim)
                 vals = torch.index_select(vc, 0, p.gather_index, out=vbuf[:rows]).view(-1, kv_heads, dim)
@@ -100,6 +100,62 @@ class TorchAttentionBackend:
                 attn_mask=p.mask, is_causal=p.mask is None, scale=scale, enable_gqa=True)
             out[p.start:p.end] = o[0].transpose(0, 1)
         return out
+
+    def decode(self, out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               meta: AttentionMetadata, scale: float) -> None:
+        """Gather each group's context into the workspace, then one SDPA call per group."""
+        num_heads, kv_heads, dim = q.shape[1], k_cache.shape[1], q.shape[2]
+        if "decode_groups" not in meta.derived:
+            meta.derived["decode_groups"] = self._decode_groups(meta, kv_heads)
+        groups: list[_DecodeGroup] = meta.derived["decode_groups"]
+        kbuf, vbuf = self._workspace(max(g.gather_index.numel() for g in groups), q)
+        kc, vc = k_cache.view(-1, dim), v_cache.view(-1, dim)
+        for g in groups:
+            n, rows = g.end - g.start, g.gather_index.numel()
+            keys = torch.index_select(kc, 0, g.gather_index, out=kbuf[:rows]).view(n, kv_heads, g.ctx_len, dim)
+            vals = torch.index_select(vc, 0, g.gather_index, out=vbuf[:rows]).view(n, kv_heads, g.ctx_len, dim)
+            # One query per head: the query heads sharing a KV head stand in as that head's query rows.
+            qg = q[g.start:g.end].view(n, kv_heads, num_heads // kv_heads, dim)
+            out[g.start:g.end] = F.scaled_dot_product_attention(
+                qg, keys, vals, attn_mask=g.mask, scale=scale).view(n, num_heads, dim)
+
+    def _decode_groups(self, meta: AttentionMetadata, kv_heads: int) -> list[_DecodeGroup]:
+        bs, tables, lens = meta.block_size, meta.block_tables.long(), meta.context_lens.long()
+        heads = torch.arange(kv_heads, device=tables.device)
+        groups = []
+        for start in range(0, meta.num_decodes, self.DECODE_GROUP_SIZE):
+            end = min(start + self.DECODE_GROUP_SIZE, meta.num_decodes)
+            length = int(lens[end - 1])
+            pos = torch.arange(length, device=tables.device)
+            valid = pos.unsqueeze(0) < lens[start:end].unsqueeze(1)
+            slots = torch.where(valid, tables[start:end][:, pos // bs] * bs + pos % bs, 0)
+            index = (slots.unsqueeze(1) * kv_heads + heads.view(1, -1, 1)).flatten()
+            groups.append(_DecodeGroup(start, end, length, index, valid[:, None, None, :]))
+        return groups
+
+
+class CpuAttentionBackend(TorchAttentionBackend):
+    """Decode attention by the C++ kernel that reads the paged cache in place; prefills as in torch."""
+
+    def __init__(self, kernels: ModuleType) -> None:
+        super().__init__()
+        self.kernels = kernels
+
+    def decode(self, out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               meta: AttentionMetadata, scale: float) -> None:
+        self.kernels.paged_decode_attention(out, q.contiguous(), k_cache, v_cache, meta.block_tables,
+                                            meta.context_lens, meta.block_size, scale)
+
+
+def select_backend(device: torch.device) -> TorchAttentionBackend:
+    """The fastest backend that runs on `device`; ORCA_KERNELS=torch forces the portable one."""
+    if device.type == "cpu":
+        from orca.kernels import cpu
+
+        kernels = cpu.load()
+        if kernels is not None:
+            return CpuAttentionBackend(kernels)
+    return TorchAttentionBackend()
 
 
 class Attention(nn.Module):

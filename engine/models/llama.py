@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orca.kernels import cpu
+
 from ..config import ModelConfig
 from ..layers.attention import Attention, TorchAttentionBackend
 from ..layers.embed import ParallelLMHead, VocabParallelEmbedding
@@ -39,8 +41,14 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        if (kernels := cpu.kernels_for(gate_up)) is not None:
+            act = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+            kernels.silu_and_mul(act, gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return self.down_proj(act)
 
 
 class LlamaDecoderLayer(nn.Module):

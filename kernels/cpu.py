@@ -1,0 +1,40 @@
+"""CPU kernels compiled from `csrc/` on first use with torch's extension builder (cached across runs).
+
+Torch has no paged-attention op for CPUs: gathering each request's KV blocks into a padded
+buffer for SDPA copies the whole cache every layer. The C++ kernel reads the blocks in place.
+Building needs a C++ compiler and ninja; without them `load()` returns None and the engine
+falls back to the portable torch backend.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+_SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", name)
+            for name in ("bindings.cpp", "paged_attention.cpp", "elementwise.cpp")]
+# Fast-math lets the compiler vectorize the dot-product reductions and exp; -march=native is safe
+# because the build is cached per machine (torch keys the cache on the flags and sources).
+_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+
+
+def kernels_for(x: torch.Tensor) -> ModuleType | None:
+    """The compiled kernels when `x` lives on the CPU and they built, else None (use torch ops)."""
+    return load() if x.device.type == "cpu" else None
+
+
+@functools.cache
+def load() -> ModuleType | None:
+    if os.environ.get("ORCA_KERNELS", "auto") == "torch":
+        return None
+    try:
+        from torch.utils.cpp_extension import load as build
+
+        return build("orca_cpu_kernels", _SOURCES, extra_cflags=_CFLAGS, verbose=False)
+    except Exception as e:  # no compiler, no ninja, unsupported platform: stay correct, just slower
+        log.warning("CPU attention kernel unavailable (%s); using the torch backend", e)
+        return None

@@ -1,0 +1,119 @@
+// Fused token-wise ops for CPUs. Torch runs each of these as 3-6 separate bf16 passes over the
+// [tokens, hidden] tensor; fused, each element is read and written once, in float32 registers.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstring>
+
+namespace {
+
+// Elements are handled as raw storage (uint16_t for bf16) with branch-free conversions, so the
+// compiler vectorizes every loop; c10's BFloat16 casts do not vectorize. NaN is not special-cased.
+template <typename T> struct Raw { using type = T; };
+template <> struct Raw<at::BFloat16> { using type = uint16_t; };
+
+inline float load(float x) { return x; }
+inline float load(double x) { return static_cast<float>(x); }
+inline float load(at::Half x) { return static_cast<float>(x); }
+inline float load(uint16_t x) {
+  const uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+template <typename R> inline R store(float x) { return static_cast<R>(x); }
+template <> inline uint16_t store<uint16_t>(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);  // round to nearest even
+}
+
+template <typename T>
+typename Raw<T>::type* raw(torch::Tensor& t) { return reinterpret_cast<typename Raw<T>::type*>(t.data_ptr<T>()); }
+
+template <typename T>
+void add_rms_norm_rows(T* x, T* residual, const T* weight, int64_t rows, int64_t hidden, float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* xr = x + r * hidden;
+      T* rr = residual + r * hidden;
+      float sum = 0.f;
+      for (int64_t i = 0; i < hidden; ++i) {
+        const T s = store<T>(load(xr[i]) + load(rr[i]));  // rounded to T like torch's add
+        rr[i] = s;
+        const float f = load(s);
+        sum += f * f;
+      }
+      const float inv = 1.f / std::sqrt(sum / hidden + eps);
+      for (int64_t i = 0; i < hidden; ++i)
+        xr[i] = store<T>(load(weight[i]) * load(store<T>(load(rr[i]) * inv)));
+    }
+  });
+}
+
+template <typename T>
+void silu_mul_rows(T* out, const T* gate_up, int64_t rows, int64_t inter) {
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = gate_up + r * 2 * inter;
+      const T* u = g + inter;
+      T* o = out + r * inter;
+      for (int64_t i = 0; i < inter; ++i) {
+        const float x = load(g[i]);
+        o[i] = store<T>(x / (1.f + std::exp(-x)) * load(u[i]));
+      }
+    }
+  });
+}
+
+// Rotate-half (NeoX) rotary embedding in place; q and k are row-strided views of the fused QKV output.
+template <typename T>
+void rotary_rows(const int64_t* positions, T* q, T* k, const T* cos_sin, int64_t rows, int64_t q_stride,
+                 int64_t k_stride, int64_t heads, int64_t kv_heads, int64_t dim) {
+  const int64_t half = dim / 2;
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* cos = cos_sin + positions[r] * dim;
+      const T* sin = cos + half;
+      for (int64_t h = 0; h < heads + kv_heads; ++h) {
+        T* x = h < heads ? q + r * q_stride + h * dim : k + r * k_stride + (h - heads) * dim;
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = load(x[i]), x2 = load(x[i + half]);
+          const float c = load(cos[i]), s = load(sin[i]);
+          x[i] = store<T>(x1 * c - x2 * s);
+          x[i + half] = store<T>(x2 * c + x1 * s);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && weight.is_contiguous());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_add_rms_norm", [&] {
+    add_rms_norm_rows(raw<scalar_t>(x), raw<scalar_t>(residual), raw<scalar_t>(weight),
+                      x.size(0), x.size(1), static_cast<float>(eps));
+  });
+}
+
+void silu_and_mul(torch::Tensor out, torch::Tensor gate_up) {
+  TORCH_CHECK(out.is_contiguous() && gate_up.is_contiguous());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "silu_and_mul", [&] {
+    silu_mul_rows(raw<scalar_t>(out), raw<scalar_t>(gate_up), out.size(0), out.size(1));
+  });
+}
+
+// q: [tokens, heads, dim] and k: [tokens, kv_heads, dim], each with contiguous heads inside a row;
+// cos_sin: [positions, dim] = [cos | sin] in q's dtype.
+void rotary_embedding(torch::Tensor positions, torch::Tensor q, torch::Tensor k, torch::Tensor cos_sin) {
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && k.stride(2) == 1 && k.stride(1) == k.size(2));
+  TORCH_CHECK(positions.scalar_type() == torch::kInt64 && cos_sin.scalar_type() == q.scalar_type() &&
+              cos_sin.is_contiguous());
+  const auto pos = positions.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "rotary_embedding", [&] {
+    rotary_rows(pos.data_ptr<int64_t>(), raw<scalar_t>(q), raw<scalar_t>(k),
+                raw<scalar_t>(cos_sin), q.size(0), q.stride(0), k.stride(0), q.size(1), k.size(1), q.size(2));
+  });
+}
