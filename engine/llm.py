@@ -6,7 +6,8 @@ from collections.abc import Sequence as Seq
 
 from tqdm import tqdm
 
-from .llm_engine import EngineConfig, LLMEngine, RequestOutput
+from .llm_engine import EngineConfig, LLMEngine
+from .output_processor import RequestOutput
 from .sequence import SamplingParams
 
 Message = dict[str, str]

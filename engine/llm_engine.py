@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -14,9 +14,9 @@ from .layers.attention import select_backend
 from .loaders import load_model
 from .model_runner import ModelRunner
 from .models.llama import LlamaForCausalLM
+from .output_processor import OutputProcessor, RequestOutput, TokenUpdate
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import SamplingParams, Sequence
-from .tokenizer import IncrementalDetokenizer
 
 
 @dataclass
@@ -32,28 +32,6 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     preemption: str = "reserve"
     seed: int = 0
-
-
-@dataclass
-class RequestOutput:
-    """State of one request after a step: the full output so far plus what is new since the last step."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool
-    finish_reason: str | None
-    logprobs: list[dict[int, float]] = field(default_factory=list)
-    num_cached_tokens: int = 0
-
-    @property
-    def outputs(self) -> list[RequestOutput]:
-        """vLLM's shape (`out.outputs[0].text`) for code written against it."""
-        return [self]
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -117,8 +95,7 @@ class LLMEngine:
                                                    self.max_model_len, config.preemption), self.block_manager)
         self.runner = ModelRunner(model, loaded.config, num_blocks, config.block_size, self.dtype, self.device)
         self.requests: dict[str, Sequence] = {}
-        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
-        self.texts: dict[str, str] = {}
+        self.processor = OutputProcessor(self.tokenizer)  # text for step(); AsyncLLMEngine keeps its own
         self.last_iteration_tokens = 0
 
     # ---- requests -------------------------------------------------------------------------------
@@ -151,39 +128,41 @@ class LLMEngine:
         seq.prompt = text
         return seq
 
-    def add_sequence(self, seq: Sequence) -> None:
+    def add_sequence(self, seq: Sequence, make_text: bool = True) -> None:
+        """Queue a validated request. make_text=False: the caller detokenizes `step_tokens()` itself."""
         if seq.request_id in self.requests:
             raise ValueError(f"request_id: {seq.request_id!r} is already running")
         self.requests[seq.request_id] = seq
-        self.detokenizers[seq.request_id] = IncrementalDetokenizer(
-            self.tokenizer, seq.prompt_token_ids, seq.params.skip_special_tokens)
-        self.texts[seq.request_id] = ""
+        if make_text:
+            self.processor.add(seq)
         self.scheduler.add(seq)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     priority: int = 0) -> None:
         self.add_sequence(self.make_sequence(request_id, prompt, params, priority))
 
-    def abort_request(self, request_id: str) -> None:
+    def abort_request(self, request_id: str, reason: str = "abort") -> None:
+        """Stop a request wherever it is (waiting, running or preempted) and free its KV blocks."""
         seq = self.requests.pop(request_id, None)
         if seq is not None and not seq.is_finished:
-            self.scheduler.abort(seq)
-        self.detokenizers.pop(request_id, None)
-        self.texts.pop(request_id, None)
+            self.scheduler.abort(seq, reason)
+        self.processor.remove(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
 
     # ---- the iteration --------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one iteration; return an output for every request that got a token or finished."""
+    def step_tokens(self) -> list[TokenUpdate]:
+        """Run one iteration; return the token of every request that sampled one, finishing those that
+        hit EOS, a stop token, max_tokens or the context length."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
         self.last_iteration_tokens = batch.num_tokens
         sampled = self.runner.run(batch)
         now = time.monotonic()
-        outputs = []
+        updates = []
+        eos = self.model_config.eos_token_ids
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             seq.num_computed_tokens += n
             self.block_manager.commit(seq)
@@ -191,54 +170,31 @@ class LLMEngine:
                 continue
             token, logprobs = sampled[i]
             seq.token_ids.append(token)
-            if logprobs is not None:
-                seq.logprobs.append(logprobs)
             seq.first_token_time = seq.first_token_time or now
-            outputs.append(self._process(seq, token))
-        self.scheduler.remove_finished()
-        return outputs
-
-    def _process(self, seq: Sequence, token: int) -> RequestOutput:
-        """Detokenize the new token and apply every stop condition to `seq`."""
-        p, rid = seq.params, seq.request_id
-        reason = None
-        if (token in self.model_config.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            reason = "stop"
-        elif seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
-            reason = "length"
-        detok = self.detokenizers[rid]
-        text = self.texts[rid] + detok.step([token])
-        if reason is not None:
-            text += detok.flush()
-        if p.stop:
-            # Only the tail can hold a new match: the new text plus one stop string's length before it.
-            tail = max(0, len(self.texts[rid]) - max(map(len, p.stop)))
-            hits = [(text.find(s, tail), s) for s in p.stop if text.find(s, tail) >= 0]
-            if hits:
-                at, s = min(hits)
-                text = text[:at + len(s)] if p.include_stop_str_in_output else text[:at]
+            p, reason = seq.params, None
+            if (token in eos and not p.ignore_eos) or token in p.stop_token_ids:
                 reason = "stop"
-        old_len = len(self._visible(self.texts[rid], p, False))
-        self.texts[rid] = text
-        if reason is not None:
-            self.scheduler.finish(seq, reason)
-        visible = self._visible(text, p, reason is not None)
-        return RequestOutput(
-            request_id=rid, prompt=seq.prompt, prompt_token_ids=seq.prompt_token_ids,
-            token_ids=seq.output_token_ids, text=visible, new_token_ids=[token], new_text=visible[old_len:],
-            finished=reason is not None, finish_reason=reason, logprobs=seq.logprobs,
-            num_cached_tokens=seq.num_cached_tokens)
+            elif seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+                reason = "length"
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+            updates.append(TokenUpdate(seq.request_id, token, reason, logprobs, seq.num_cached_tokens))
+        self.scheduler.remove_finished()
+        return updates
 
-    @staticmethod
-    def _visible(text: str, p: SamplingParams, finished: bool) -> str:
-        """Hold back a possible partial stop string while streaming, so no client ever sees one."""
-        if finished or not p.stop:
-            return text
-        hold = max(map(len, p.stop)) - 1
-        return text[:len(text) - hold] if hold else text
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; return an output for every request that got a token or finished."""
+        outputs = []
+        for update in self.step_tokens():
+            out = self.processor.process(update)
+            if out is None:
+                continue
+            if out.finished and update.finish_reason is None:  # a stop string: the text ended it
+                self.abort_request(out.request_id, out.finish_reason)
+            outputs.append(out)
+        return outputs
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's bookkeeping once its output was delivered."""
         self.requests.pop(request_id, None)
-        self.detokenizers.pop(request_id, None)
-        self.texts.pop(request_id, None)
+        self.processor.remove(request_id)

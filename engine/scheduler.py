@@ -123,8 +123,8 @@ class Scheduler:
     def remove_finished(self) -> None:
         self.running = [s for s in self.running if not s.is_finished]
 
-    def abort(self, seq: Sequence) -> None:
+    def abort(self, seq: Sequence, reason: str = "abort") -> None:
         if seq in self.waiting:
             self.waiting.remove(seq)
-        self.finish(seq, "abort")
+        self.finish(seq, reason)
         self.remove_finished()

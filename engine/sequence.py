@@ -80,7 +80,6 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0
     finish_reason: str | None = None
-    logprobs: list[dict[int, float]] = field(default_factory=list)
     generator: torch.Generator | None = None
     first_token_time: float | None = None
     prompt: str | None = None
