@@ -59,17 +59,89 @@ def add_bench_args(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline-requests", type=int, default=48,
                    help="prefix the baseline runs on; the engine is timed on it too for the ratio")
     p.add_argument("--baseline-batch-size", type=int, default=16)
+    p.add_argument("--baseline-dtype", default=None,
+                   help="dtype of the transformers baseline (default: --dtype; float32 is transformers' default for GGUF)")
     p.add_argument("--json", default=None, help="also write all numbers to this JSON file")
     p.add_argument("--max-batch-size", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
     p.add_argument("--kv-cache-memory", default="0.5", help="fraction of free memory, or a size")
     p.set_defaults(func=_cmd_throughput)
+    p = kinds.add_parser("step", help="engine step time vs a bare forward of the same batch (overhead %%)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--batch-sizes", default="16,64,256", help="comma-separated decode batch sizes")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per batch size")
+    p.add_argument("--kv-cache-memory", default="0.5")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=_cmd_step)
 
 
 def _cmd_throughput(args: argparse.Namespace) -> int:
     """CLI entry point: the exit status, with the numbers already printed."""
     run_throughput(args)
     return 0
+
+
+def _cmd_step(args: argparse.Namespace) -> int:
+    run_step_bench(args)
+    return 0
+
+
+def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Engine overhead: a full `LLMEngine.step()` against the model alone on the same flattened batch.
+
+    For each batch size, requests from the workload are prefilled until all of them decode; then each
+    timed step is followed by a bare replay of that step's prepared inputs (forward + LM head), so the
+    two see the same batch and the difference is scheduling, input preparation, sampling and output.
+    """
+    import statistics
+
+    import torch
+
+    from orca.engine import LLMEngine, SamplingParams
+    from orca.engine.llm_engine import EngineConfig
+
+    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
+                                    enable_prefix_caching=False))
+    runner, captured = engine.runner, {}
+    prepare = runner.prepare
+
+    def capture(batch: Any) -> Any:
+        captured["inputs"] = prepare(batch)
+        return captured["inputs"]
+
+    runner.prepare = capture
+    reqs = load_workload(None)
+    rows = []
+    print(f"{'batch':>6} {'step ms':>9} {'forward ms':>10} {'overhead %':>10}")
+    for size in [int(b) for b in args.batch_sizes.split(",")]:
+        params = SamplingParams(max_tokens=args.steps + 8, ignore_eos=True, temperature=0.0)
+        for i in range(size):
+            engine.add_request(f"step-{size}-{i}", reqs[i % len(reqs)].prompt_token_ids, params)
+        while any(s.num_output_tokens == 0 for s in engine.requests.values()):  # prefill everything first
+            engine.step()
+        engine.step()  # one warm decode step at this size
+        step_s, fwd_s = [], []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            engine.step()
+            t1 = time.perf_counter()
+            _, ids, positions, logit_rows, meta = captured["inputs"]
+            with torch.inference_mode():
+                runner.model.compute_logits(runner.forward(ids, positions, meta)[logit_rows])
+            fwd_s.append(time.perf_counter() - t1)
+            step_s.append(t1 - t0)
+        for rid in list(engine.requests):
+            engine.abort_request(rid)
+        step, fwd = statistics.median(step_s), statistics.median(fwd_s)
+        row = {"batch_size": size, "step_ms": step * 1e3, "forward_ms": fwd * 1e3, "overhead_pct": (step - fwd) / fwd * 100}
+        rows.append(row)
+        print(f"{size:>6} {row['step_ms']:>9.2f} {row['forward_ms']:>10.2f} {row['overhead_pct']:>10.1f}")
+    result = {"model": args.model or bundled_model_path(), "dtype": args.dtype, "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
 
 
 def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
@@ -81,7 +153,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     if args.baseline == "hf":
         runs.append(time_engine(llm, prefix, f"engine (first {len(prefix)})"))
         del llm  # the baseline should not compete with the engine's KV cache for memory
-        runs.append(run_hf_baseline(prefix, args.model, args.dtype, args.baseline_batch_size))
+        runs.append(run_hf_baseline(prefix, args.model, args.baseline_dtype or args.dtype, args.baseline_batch_size))
     result = _summarize(args, runs)
     print_report(result)
     if args.json:
@@ -142,7 +214,7 @@ def run_hf_baseline(
     for i in range(0, len(reqs), batch_size):
         _hf_generate(hf, reqs[i : i + batch_size], pad_id)
     seconds = time.perf_counter() - start
-    return _result(f"HF static batching (first {len(reqs)})", reqs, seconds)
+    return _result(f"HF static {dtype} (first {len(reqs)})", reqs, seconds)
 
 
 def load_hf_model(model: str | None, dtype: str) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from types import ModuleType
 
 import torch
@@ -31,10 +32,14 @@ def kernels_for(x: torch.Tensor) -> ModuleType | None:
 def load() -> ModuleType | None:
     if os.environ.get("ORCA_KERNELS", "auto") == "torch":
         return None
+    # torch looks for `ninja` on PATH; the pip-installed one sits next to this interpreter.
+    bin_dir = os.path.dirname(sys.executable)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     try:
         from torch.utils.cpp_extension import load as build
 
         return build("orca_cpu_kernels", _SOURCES, extra_cflags=_CFLAGS, verbose=False)
     except Exception as e:  # no compiler, no ninja, unsupported platform: stay correct, just slower
-        log.warning("CPU attention kernel unavailable (%s); using the torch backend", e)
+        log.warning("CPU kernels unavailable (%s); using torch ops, which are slower", e)
         return None
