@@ -120,6 +120,8 @@ class AsyncLLMEngine:
             while not self._stop:
                 self._apply_commands()
                 if not engine.has_unfinished_requests():
+                    if self.on_step is not None:  # gauges reflect aborts even when no step follows
+                        self.on_step(engine, [])
                     self._wake.wait()
                     self._wake.clear()
                     continue

@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
     from .bench import add_bench_args
+    from .server.serve import add_serve_args
 
+    add_serve_args(sub)
     add_bench_args(sub)
     args = parser.parse_args(argv)
     try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass
 
 from .block_manager import BlockManager
@@ -90,6 +91,7 @@ class Scheduler:
             self.waiting.pop(0)
             self.bm.allocate(seq, target)
             seq.status = SequenceStatus.RUNNING
+            seq.first_scheduled_time = seq.first_scheduled_time or time.monotonic()
             self.running.append(seq)
             n = min(len(seq) - seq.num_computed_tokens, budget)
             seqs.append(seq)

@@ -81,6 +81,7 @@ class Sequence:
     num_hashed_blocks: int = 0
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    first_scheduled_time: float | None = None  # left the waiting queue for the first time
     first_token_time: float | None = None
     prompt: str | None = None
 
