@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
 
 import pytest
 import torch
@@ -50,3 +56,35 @@ def hf_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
         out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
         tokens.append(int(out.logits[0, -1].argmax()))
     return tokens
+
+
+class ServerProcess:
+    """A real `orca serve` on a free loopback port, for tests that talk HTTP to it."""
+
+    def __init__(self, *args: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PYTHONSAFEPATH": "1"}
+        env.pop("ORCA_API_KEY", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "orca.engine.cli", "serve", "--port", str(self.port), "--log-level", "warning",
+             *args], env=env)
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"server exited with {self.proc.returncode}"
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError("server did not become ready")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)

@@ -166,10 +166,6 @@ async def _submit(state: ServerState, req: SamplingFields, prompts: list[str | l
     if req.model != state.model_name:
         raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{state.model_name}`.",
                        param="model", code="model_not_found")
-    count = len(prompts) * req.n
-    if state.queued + count > state.max_waiting:
-        raise APIError(429, f"too many waiting requests ({state.queued}); retry later", "rate_limit_exceeded",
-                       code="too_many_waiting", headers={"Retry-After": "1"})
     base = f"{uuid.uuid4().hex[:16]}"
     seqs = []
     try:
@@ -192,13 +188,17 @@ async def _submit(state: ServerState, req: SamplingFields, prompts: list[str | l
                 seqs.append(seq)
     except ValueError as e:
         raise bad_value(e) from e
+    # Checked and counted with no await in between, so a burst cannot slip past the limit.
+    if state.queued + len(seqs) > state.max_waiting:
+        raise APIError(429, f"too many waiting requests ({state.queued}); retry later", "rate_limit_exceeded",
+                       code="too_many_waiting", headers={"Retry-After": "1"})
+    state.queued += len(seqs)
     return seqs
 
 
 async def _tracked(state: ServerState, seq: Sequence) -> AsyncIterator[RequestOutput]:
-    """One sequence's outputs, with its latencies recorded and the waiting count kept."""
-    m, start, last = state.metrics, time.monotonic(), None
-    state.queued += 1
+    """One sequence's outputs, with its latencies recorded; it stops counting as waiting at its first token."""
+    m, start, last = state.metrics, seq.arrival_time, None
     try:
         async with aclosing(state.engine.stream(seq)) as stream:
             async for out in stream:

@@ -1,0 +1,190 @@
+"""The real `orca serve` on 127.0.0.1, driven by the official openai client and raw HTTP."""
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import ServerProcess
+
+pytestmark = pytest.mark.slow
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def server() -> ServerProcess:
+    srv = ServerProcess("--kv-cache-memory", "256MiB", "--max-model-len", "1024", "--max-waiting", "256")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def metric(server: ServerProcess, name: str) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    m = re.search(rf"^orca:{name}\{{[^}}]*\}} (\S+)$", text, re.MULTILINE)
+    assert m, f"metric orca:{name} missing"
+    return float(m.group(1))
+
+
+def test_health_ready_models(server: ServerProcess, client: openai.OpenAI) -> None:
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert httpx.get(f"{server.url}/ready").status_code == 200
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_completion_stream_equals_non_stream_and_usage(client: openai.OpenAI) -> None:
+    full = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=24, temperature=0)
+    assert full.choices[0].finish_reason in ("stop", "length")
+    chunks = list(client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=24,
+                                            temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert full.usage.prompt_tokens == chunks[-1].usage.prompt_tokens > 0
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    if full.choices[0].finish_reason == "length":
+        assert full.usage.completion_tokens == 24
+
+
+def test_chat_stream_equals_non_stream(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Name three colors."}]
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, temperature=0)
+    text = full.choices[0].message.content
+    assert text and full.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+    assert full.usage.completion_tokens <= 30
+
+
+def test_stop_string(client: openai.OpenAI) -> None:
+    free = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=30, temperature=0).choices[0].text
+    assert " 7" in free
+    out = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=30, temperature=0, stop=[" 7"])
+    assert out.choices[0].finish_reason == "stop"
+    assert out.choices[0].text == free[:free.index(" 7")]
+
+
+def test_seed_and_n(client: openai.OpenAI) -> None:
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=1.0, extra_body={"ignore_eos": True})
+    a = client.completions.create(seed=7, **kw).choices[0].text
+    b = client.completions.create(seed=7, **kw).choices[0].text
+    assert a == b
+    many = client.completions.create(n=3, seed=7, **kw)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert many.choices[0].text == a  # the first of n uses the seed itself
+    assert len({c.text for c in many.choices}) > 1
+    assert many.usage.completion_tokens == 48
+
+
+def test_logprobs(client: openai.OpenAI) -> None:
+    out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0, logprobs=3)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert all(len(t) >= 3 for t in lp.top_logprobs) and all(x <= 0 for x in lp.token_logprobs)
+    assert "".join(lp.tokens) == out.choices[0].text
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    # greedy: the chosen token is the most likely one
+    assert all(c.logprob == max(t.logprob for t in c.top_logprobs) for c in content)
+
+
+BAD = [
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "word " * 1100, "max_tokens": 1}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [10**9]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 50}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ("/v1/completions", {}, 400, "prompt"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 5000}, 400,
+     "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", BAD, ids=[f"{b[3]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_requests_name_the_field_and_the_server_keeps_serving(server: ServerProcess, client: openai.OpenAI,
+                                                                   path: str, body: dict, status: int, param: str) -> None:
+    r = httpx.post(server.url + path, json={"model": MODEL, **body}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+    ok = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+    assert ok.choices[0].text is not None
+
+
+def test_malformed_json_is_a_400(server: ServerProcess) -> None:
+    r = httpx.post(f"{server.url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+
+
+def test_cancelled_streams_free_their_blocks(server: ServerProcess) -> None:
+    async def run() -> list[str]:
+        aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+        async def one(i: int) -> str:
+            stream = await aclient.completions.create(model=MODEL, prompt=f"Story number {i}:", max_tokens=40,
+                                                      temperature=0, stream=True, extra_body={"ignore_eos": True})
+            text, seen = "", 0
+            async for chunk in stream:
+                text += chunk.choices[0].text
+                seen += 1
+                if i % 2 and seen == 2:
+                    await stream.close()  # the client goes away mid-stream
+                    return "cancelled"
+            return text
+
+        try:
+            return await asyncio.gather(*(one(i) for i in range(32)))
+        finally:
+            await aclient.close()
+
+    results = asyncio.run(run())
+    assert results.count("cancelled") == 16
+    assert all(r != "cancelled" and r for r in results[::2])
+    deadline = time.monotonic() + 30
+    while metric(server, "kv_cache_usage_perc") != 0 or metric(server, "num_requests_running") != 0:
+        assert time.monotonic() < deadline, "KV blocks of cancelled streams were not freed"
+        time.sleep(0.2)
+
+
+def test_metrics_exposition(server: ServerProcess) -> None:
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prompt_tokens_total",
+                 "generation_tokens_total", "request_success_total", "num_preemptions_total",
+                 "prefix_cache_queries_total", "prefix_cache_hits_total", "time_to_first_token_seconds_bucket",
+                 "inter_token_latency_seconds_bucket", "e2e_request_latency_seconds_bucket",
+                 "request_queue_time_seconds_bucket", "iteration_tokens_bucket"):
+        assert re.search(rf"^orca:{name}\{{.*model_name=\"{MODEL}\"", text, re.MULTILINE), name
+    assert metric(server, "generation_tokens_total") > 0
+    assert 'finished_reason="length"' in text
+
+
+def test_bench_serve_against_the_server(server: ServerProcess, tmp_path) -> None:
+    import json
+
+    from orca.engine.cli import main
+
+    out = tmp_path / "serve.json"
+    assert main(["bench", "serve", "--url", server.url, "--rate", "inf", "--num-requests", "3",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["completed"] == 3 and result["failed"] == 0
+    assert result["generated_tok_s"] > 0 and 0 < result["ttft_s"]["p50"] <= result["e2e_s"]["p99"]
