@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
 
     add_serve_args(sub)
     add_bench_args(sub)
+    from orca.operator.main import add_operator_args
+
+    add_operator_args(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -88,3 +88,15 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def k8s():
+    """A real kube-apiserver + controller-manager + etcd on loopback, once per test session."""
+    from k8s import cluster
+
+    c = cluster.start()
+    try:
+        yield c
+    finally:
+        c.stop()

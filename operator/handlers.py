@@ -1,0 +1,115 @@
+"""kopf handlers: one reconcile for every event of an OrcaDeployment, plus a timer that repairs
+drift (a deleted or hand-edited child) and keeps the status in step with the children."""
+from __future__ import annotations
+
+import datetime
+import functools
+from typing import Any
+
+import kopf
+from kubernetes import client, config
+
+from . import render
+from .apply import Applier
+
+RESYNC_SECONDS = 5.0
+
+
+@functools.cache
+def applier() -> Applier:
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return Applier(client.ApiClient())
+
+
+@functools.cache
+def pdb_api_version() -> str:
+    """policy/v1 where served (1.21+), else policy/v1beta1."""
+    return "policy/v1" if applier().serves("policy/v1", "PodDisruptionBudget") else "policy/v1beta1"
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.posting.level = 20  # post Events for INFO and above
+    settings.persistence.finalizer = "orca.dev/operator"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="orca.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="orca.dev")
+
+
+@kopf.on.resume(render.GROUP, render.VERSION, render.PLURAL)
+@kopf.on.create(render.GROUP, render.VERSION, render.PLURAL)
+@kopf.on.update(render.GROUP, render.VERSION, render.PLURAL, field="spec")
+@kopf.timer(render.GROUP, render.VERSION, render.PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
+def reconcile(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None:
+    od = {"metadata": dict(body["metadata"]), "spec": dict(body["spec"])}
+    generation = body["metadata"].get("generation", 0)
+    old = {c["type"]: c for c in (body.get("status") or {}).get("conditions") or []}
+    try:
+        render.validate(od["spec"])
+    except render.SpecError as e:
+        if old.get("Degraded", {}).get("message") != str(e):
+            kopf.warn(body, reason="InvalidSpec", message=str(e))
+        _set_status(patch, old, generation, body, ready_groups=None, error=str(e))
+        return
+    ap = applier()
+    for obj in render.children(od, pdb_api_version()):
+        if ap.apply(obj) != "unchanged":
+            logger.info("%s %s/%s", "applied", obj["kind"], obj["metadata"]["name"])
+    groups = _prune_and_count(ap, od)
+    _set_status(patch, old, generation, body, ready_groups=groups, error=None)
+
+
+def _prune_and_count(ap: Applier, od: render.Obj) -> int:
+    """Delete replica groups beyond spec.replicas; return how many groups have all stages ready."""
+    meta, spec = od["metadata"], od["spec"]
+    replicas, pipeline = int(spec.get("replicas", 1)), render.parallelism(spec)[1]
+    selector = render.engine_selector(meta["name"]).replace("app.kubernetes.io/component=engine",
+                                                            "app.kubernetes.io/component=engine,orca.dev/replica")
+    ready = 0
+    for sts in ap.list("apps/v1", "StatefulSet", meta["namespace"], selector):
+        replica = int(sts["metadata"]["labels"]["orca.dev/replica"])
+        if replica >= replicas:
+            ap.delete("apps/v1", "StatefulSet", meta["namespace"], sts["metadata"]["name"])
+            ap.delete("v1", "Service", meta["namespace"], sts["metadata"]["name"])
+        elif (sts.get("status") or {}).get("readyReplicas", 0) >= pipeline:
+            ready += 1
+    ingress = render.ingress(od)
+    if ingress is None:
+        ap.delete("networking.k8s.io/v1", "Ingress", meta["namespace"], meta["name"])
+    return ready
+
+
+def _set_status(patch: kopf.Patch, old: dict[str, render.Obj], generation: int, body: kopf.Body,
+                ready_groups: int | None, error: str | None) -> None:
+    spec, name = body["spec"], body["metadata"]["name"]
+    desired = int(spec.get("replicas", 1))
+    if error is not None:
+        conds = [render.condition("Ready", False, "InvalidSpec", error, generation),
+                 render.condition("Progressing", False, "InvalidSpec", "nothing is rolled out until the spec is fixed",
+                                  generation),
+                 render.condition("Degraded", True, "InvalidSpec", error, generation)]
+    else:
+        ready = ready_groups or 0
+        done = ready >= desired
+        conds = [render.condition("Ready", done, "AllReplicasReady" if done else "ReplicasNotReady",
+                                  f"{ready}/{desired} replica groups ready", generation),
+                 render.condition("Progressing", not done, "RollingOut" if not done else "Complete",
+                                  f"waiting for {desired - ready} replica groups" if not done else "up to date",
+                                  generation),
+                 render.condition("Degraded", False, "AsExpected", "spec is valid", generation)]
+        patch.status["readyReplicas"] = ready
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for c in conds:  # lastTransitionTime moves only when the status flips (API conventions)
+        prev = old.get(c["type"])
+        c["lastTransitionTime"] = prev["lastTransitionTime"] if prev and prev.get("status") == c["status"] \
+            and prev.get("lastTransitionTime") else now
+    current = (body.get("status") or {})
+    new = {"replicas": desired, "observedGeneration": generation, "selector": render.engine_selector(name),
+           "endpoint": render.endpoint({"metadata": body["metadata"]}), "conditions": conds}
+    if error is None:
+        new["readyReplicas"] = ready_groups or 0
+    if any(current.get(k) != v for k, v in new.items()):
+        for k, v in new.items():
+            patch.status[k] = v

@@ -1,0 +1,231 @@
+"""Pure functions from an OrcaDeployment to the objects it owns. No API calls here, so every
+child can be unit-tested from a spec alone; `apply.py` is the one place that talks to the cluster.
+
+Placement: each engine replica is a StatefulSet of `pipeline` pods (ordinal = pipeline stage),
+each pod asking for `tensor` GPUs so tensor parallelism stays inside one node, with preferred
+anti-affinity spreading a replica's stages across nodes and a headless Service giving stages
+stable addresses (`<sts>-<stage>.<sts>`), which the distributed runtime uses to find stage 0.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+Obj = dict[str, Any]
+
+GROUP, VERSION, PLURAL, KIND = "orca.dev", "v1alpha1", "orcadeployments", "OrcaDeployment"
+DEFAULT_IMAGE = "ghcr.io/orca-serve/orca:0.1.0"
+PORT = 8000
+DRAIN_SECONDS = 30
+PRESTOP_SECONDS = 5
+
+
+class SpecError(ValueError):
+    """A spec the schema accepts but that cannot be realised (cross-field rules)."""
+
+
+def validate(spec: Obj) -> None:
+    """Rules OpenAPI validation cannot express; raised as `Degraded` with this message."""
+    auto = spec.get("autoscaling") or {}
+    if auto.get("enabled") and auto.get("minReplicas", 1) > auto.get("maxReplicas", 1):
+        raise SpecError(f"autoscaling.minReplicas ({auto.get('minReplicas', 1)}) must not exceed "
+                        f"autoscaling.maxReplicas ({auto.get('maxReplicas', 1)})")
+    tp = parallelism(spec)[0]
+    model = spec["model"]
+    for field in ("numAttentionHeads", "numKeyValueHeads"):
+        heads = model.get(field)
+        if heads and heads % tp:
+            raise SpecError(f"parallelism.tensor ({tp}) must divide model.{field} ({heads})")
+    if model.get("source", "bundled") == "path" and not (model.get("pvc") or model.get("hostPath")):
+        raise SpecError("model.source=path needs model.pvc or model.hostPath")
+
+
+def parallelism(spec: Obj) -> tuple[int, int]:
+    p = spec.get("parallelism") or {}
+    return int(p.get("tensor", 1)), int(p.get("pipeline", 1))
+
+
+def labels(name: str, component: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "orca", "app.kubernetes.io/instance": name,
+            "app.kubernetes.io/component": component, "app.kubernetes.io/managed-by": "orca-operator",
+            "app.kubernetes.io/part-of": "orca"}
+
+
+def engine_selector(name: str) -> str:
+    """Label selector of all engine pods: what the scale subresource reports."""
+    return ",".join(f"{k}={v}" for k, v in sorted(labels(name, "engine").items()))
+
+
+def _meta(od: Obj, name: str, component: str, extra_labels: dict[str, str] | None = None) -> Obj:
+    meta = od["metadata"]
+    return {"name": name, "namespace": meta["namespace"], "labels": {**labels(meta["name"], component),
+                                                                     **(extra_labels or {})},
+            "ownerReferences": [{"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": meta["name"],
+                                 "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}]}
+
+
+def engine_args(spec: Obj) -> list[str]:
+    e, model = spec.get("engine") or {}, spec["model"]
+    args = ["serve", "--host", "0.0.0.0", "--port", str(PORT), "--served-model-name", model["name"],
+            "--dtype", model.get("dtype", "auto"), "--drain-timeout", str(DRAIN_SECONDS)]
+    if model.get("source", "bundled") == "path":
+        args += ["--model", f"/models/{model.get('path') or (model.get('pvc') or {}).get('path') or ''}".rstrip("/")]
+    flags = {"maxBatchSize": "--max-batch-size", "maxNumBatchedTokens": "--max-num-batched-tokens",
+             "kvCacheMemory": "--kv-cache-memory", "blockSize": "--block-size", "preemption": "--preemption"}
+    for key, flag in flags.items():
+        if key in e:
+            args += [flag, str(e[key])]
+    if e.get("prefixCaching") is False:
+        args.append("--no-prefix-caching")
+    return args + list(e.get("args") or [])
+
+
+def configmap(od: Obj) -> Obj:
+    name = od["metadata"]["name"]
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(od, f"{name}-engine", "engine"),
+            "data": {"args.json": json.dumps(engine_args(od["spec"])),
+                     "parallelism.json": json.dumps(dict(zip(("tensor", "pipeline"), parallelism(od["spec"]))))}}
+
+
+def group_name(od: Obj, replica: int) -> str:
+    return f"{od['metadata']['name']}-r{replica}"
+
+
+def headless_service(od: Obj, replica: int) -> Obj:
+    group = group_name(od, replica)
+    selector = {**labels(od["metadata"]["name"], "engine"), "orca.dev/replica": str(replica)}
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(od, group, "engine", {"orca.dev/replica": str(replica)}),
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": selector,
+                     "ports": [{"name": "http", "port": PORT, "targetPort": PORT, "protocol": "TCP"}]}}
+
+
+def _resources(spec: Obj, tp: int) -> Obj:
+    """`tensor` GPUs per pod unless `resources` is given; a `resources` without a GPU is CPU-only."""
+    if spec.get("resources") is None:
+        return {"limits": {"nvidia.com/gpu": str(tp)}}
+    return {k: {rk: str(rv) for rk, rv in v.items()} for k, v in spec["resources"].items() if v}
+
+
+def statefulset(od: Obj, replica: int) -> Obj:
+    spec, name, ns = od["spec"], od["metadata"]["name"], od["metadata"]["namespace"]
+    tp, pp = parallelism(spec)
+    group = group_name(od, replica)
+    pod_labels = {**labels(name, "engine"), "orca.dev/replica": str(replica)}
+    container: Obj = {
+        "name": "engine", "image": spec.get("image", DEFAULT_IMAGE), "args": engine_args(spec),
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "env": [
+            {"name": "ORCA_TP", "value": str(tp)}, {"name": "ORCA_PP", "value": str(pp)},
+            {"name": "ORCA_POD_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}},
+            # the stage is the pod ordinal, the suffix of ORCA_POD_NAME
+            {"name": "ORCA_STAGE_FROM", "value": "ORCA_POD_NAME"},
+            {"name": "ORCA_MASTER_ADDR", "value": f"{group}-0.{group}.{ns}.svc"},
+            {"name": "ORCA_MASTER_PORT", "value": "29500"},
+        ],
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": PORT, "scheme": "HTTP"}, "periodSeconds": 5,
+                           "failureThreshold": 3, "timeoutSeconds": 2, "successThreshold": 1},
+        "livenessProbe": {"httpGet": {"path": "/health", "port": PORT, "scheme": "HTTP"}, "periodSeconds": 10,
+                          "failureThreshold": 6, "timeoutSeconds": 2, "successThreshold": 1,
+                          "initialDelaySeconds": 30},
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SECONDS)]}}},
+        "resources": _resources(spec, tp),
+    }
+    if "imagePullPolicy" in spec:
+        container["imagePullPolicy"] = spec["imagePullPolicy"]
+    if spec.get("apiKeySecretRef"):
+        ref = spec["apiKeySecretRef"]
+        container["env"].append({"name": "ORCA_API_KEY", "valueFrom": {"secretKeyRef": {
+            "name": ref["name"], "key": ref.get("key", "api-key")}}})
+    pod: Obj = {"containers": [container], "terminationGracePeriodSeconds": DRAIN_SECONDS + PRESTOP_SECONDS + 10}
+    model = spec["model"]
+    if model.get("source", "bundled") == "path":
+        volume = ({"name": "model", "persistentVolumeClaim": {"claimName": model["pvc"]["claimName"], "readOnly": True}}
+                  if model.get("pvc") else {"name": "model", "hostPath": {"path": model["hostPath"]}})
+        pod["volumes"] = [volume]
+        container["volumeMounts"] = [{"name": "model", "mountPath": "/models", "readOnly": True}]
+    spread = {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                                 "labelSelector": {"matchLabels": pod_labels}}}
+    affinity = copy.deepcopy(spec.get("affinity") or {})
+    anti = affinity.setdefault("podAntiAffinity", {})
+    anti.setdefault("preferredDuringSchedulingIgnoredDuringExecution", []).append(spread)
+    pod["affinity"] = affinity
+    for key in ("nodeSelector", "tolerations", "priorityClassName"):
+        if spec.get(key):
+            pod[key] = spec[key]
+    return {"apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": _meta(od, group, "engine", {"orca.dev/replica": str(replica)}),
+            "spec": {"replicas": pp, "serviceName": group, "podManagementPolicy": "Parallel",
+                     "selector": {"matchLabels": pod_labels},
+                     "template": {"metadata": {"labels": pod_labels}, "spec": pod}}}
+
+
+def engine_service(od: Obj) -> Obj:
+    name = od["metadata"]["name"]
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(od, f"{name}-engine", "engine"),
+            "spec": {"selector": labels(name, "engine"),
+                     "ports": [{"name": "http", "port": PORT, "targetPort": PORT, "protocol": "TCP"}]}}
+
+
+def router_deployment(od: Obj) -> Obj:
+    spec, name = od["spec"], od["metadata"]["name"]
+    sel = labels(name, "router")
+    container = {"name": "router", "image": spec.get("image", DEFAULT_IMAGE),
+                 "args": ["router", "--port", str(PORT), "--upstream", f"http://{name}-engine:{PORT}"],
+                 "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+                 "readinessProbe": {"httpGet": {"path": "/ready", "port": PORT, "scheme": "HTTP"}, "periodSeconds": 5,
+                                    "failureThreshold": 3, "timeoutSeconds": 2, "successThreshold": 1}}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(od, name, "router"),
+            "spec": {"replicas": int((spec.get("router") or {}).get("replicas", 1)), "selector": {"matchLabels": sel},
+                     "template": {"metadata": {"labels": sel}, "spec": {"containers": [container]}}}}
+
+
+def router_service(od: Obj) -> Obj:
+    name = od["metadata"]["name"]
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(od, name, "router"),
+            "spec": {"selector": labels(name, "router"),
+                     "ports": [{"name": "http", "port": PORT, "targetPort": PORT, "protocol": "TCP"}]}}
+
+
+def ingress(od: Obj) -> Obj | None:
+    ing, name = od["spec"].get("ingress") or {}, od["metadata"]["name"]
+    if not ing.get("enabled"):
+        return None
+    rule: Obj = {"http": {"paths": [{"path": "/", "pathType": "Prefix", "backend": {
+        "service": {"name": name, "port": {"number": PORT}}}}]}}
+    if ing.get("host"):
+        rule["host"] = ing["host"]
+    spec: Obj = {"rules": [rule]}
+    if ing.get("className"):
+        spec["ingressClassName"] = ing["className"]
+    if ing.get("tlsSecretName"):
+        spec["tls"] = [{"hosts": [ing["host"]] if ing.get("host") else [], "secretName": ing["tlsSecretName"]}]
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": _meta(od, name, "router"), "spec": spec}
+
+
+def pdb(od: Obj, api_version: str = "policy/v1") -> Obj:
+    """At most one engine pod down at a time by voluntary disruption (drains, upgrades)."""
+    name = od["metadata"]["name"]
+    return {"apiVersion": api_version, "kind": "PodDisruptionBudget", "metadata": _meta(od, f"{name}-engine", "engine"),
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels(name, "engine")}}}
+
+
+def children(od: Obj, pdb_api_version: str = "policy/v1") -> list[Obj]:
+    """Everything the OrcaDeployment should own right now, in apply order."""
+    replicas = int(od["spec"].get("replicas", 1))
+    objs = [configmap(od)]
+    for r in range(replicas):
+        objs += [headless_service(od, r), statefulset(od, r)]
+    objs += [engine_service(od), router_deployment(od), router_service(od), pdb(od, pdb_api_version)]
+    ing = ingress(od)
+    return objs + ([ing] if ing else [])
+
+
+def endpoint(od: Obj) -> str:
+    meta = od["metadata"]
+    return f"http://{meta['name']}.{meta['namespace']}.svc:{PORT}"
+
+
+def condition(type_: str, ok: bool, reason: str, message: str, generation: int) -> Obj:
+    return {"type": type_, "status": "True" if ok else "False", "reason": reason, "message": message,
+            "observedGeneration": generation}

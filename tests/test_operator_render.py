@@ -1,0 +1,100 @@
+"""Unit tests of the operator's pure render functions: every child from a spec alone."""
+from __future__ import annotations
+
+import filecmp
+import json
+from pathlib import Path
+
+import pytest
+
+from orca.operator import render
+from orca.operator.apply import is_subset
+
+ROOT = Path(__file__).parent.parent
+
+
+def od(**spec) -> dict:
+    return {"metadata": {"name": "m", "namespace": "ns", "uid": "uid-1"},
+            "spec": {"model": {"name": "SmolLM2"}, **spec}}
+
+
+def test_crd_has_one_source_of_truth() -> None:
+    assert filecmp.cmp(ROOT / "crds/orcadeployments.orca.dev.yaml",
+                       ROOT / "charts/orca/crds/orcadeployments.orca.dev.yaml", shallow=False)
+
+
+def test_every_child_is_owned_and_labelled() -> None:
+    objs = render.children(od(replicas=2, parallelism={"tensor": 2, "pipeline": 3}, ingress={"enabled": True}))
+    kinds = [o["kind"] for o in objs]
+    assert kinds == ["ConfigMap", "Service", "StatefulSet", "Service", "StatefulSet", "Service", "Deployment",
+                     "Service", "PodDisruptionBudget", "Ingress"]
+    for o in objs:
+        ref = o["metadata"]["ownerReferences"][0]
+        assert ref == {"apiVersion": "orca.dev/v1alpha1", "kind": "OrcaDeployment", "name": "m", "uid": "uid-1",
+                       "controller": True, "blockOwnerDeletion": True}
+        assert o["metadata"]["labels"]["app.kubernetes.io/instance"] == "m"
+        assert o["metadata"]["namespace"] == "ns"
+
+
+def test_statefulset_places_pipeline_stages_with_tensor_gpus() -> None:
+    sts = render.statefulset(od(parallelism={"tensor": 4, "pipeline": 3}), 1)
+    assert sts["metadata"]["name"] == "m-r1" and sts["spec"]["replicas"] == 3 and sts["spec"]["serviceName"] == "m-r1"
+    pod = sts["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": "4"}}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["ORCA_TP"] == "4" and env["ORCA_PP"] == "3" and env["ORCA_MASTER_ADDR"] == "m-r1-0.m-r1.ns.svc"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready" and c["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert pod["terminationGracePeriodSeconds"] > render.DRAIN_SECONDS + render.PRESTOP_SECONDS
+    assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(render.PRESTOP_SECONDS)]
+    term = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"]["orca.dev/replica"] == "1"
+    assert sts["spec"]["selector"]["matchLabels"] == sts["spec"]["template"]["metadata"]["labels"]
+
+
+def test_cpu_only_resources_are_taken_as_given() -> None:
+    sts = render.statefulset(od(resources={"requests": {"cpu": 2, "memory": "4Gi"}}), 0)
+    assert sts["spec"]["template"]["spec"]["containers"][0]["resources"] == {"requests": {"cpu": "2", "memory": "4Gi"}}
+
+
+def test_engine_args_and_configmap_follow_the_spec() -> None:
+    o = od(engine={"maxBatchSize": 64, "kvCacheMemory": "2GiB", "preemption": "recompute", "prefixCaching": False,
+                   "args": ["--block-size", "32"]},
+           model={"name": "llama", "source": "path", "pvc": {"claimName": "models", "path": "llama.gguf"}})
+    args = render.engine_args(o["spec"])
+    assert args[:2] == ["serve", "--host"] and "--no-prefix-caching" in args and args[-2:] == ["--block-size", "32"]
+    assert args[args.index("--max-batch-size") + 1] == "64" and args[args.index("--model") + 1] == "/models/llama.gguf"
+    assert json.loads(render.configmap(o)["data"]["args.json"]) == args
+    pod = render.statefulset(o, 0)["spec"]["template"]["spec"]
+    assert pod["volumes"] == [{"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}]
+
+
+def test_router_ingress_pdb() -> None:
+    o = od(router={"replicas": 3}, ingress={"enabled": True, "host": "llm.example.com", "className": "nginx",
+                                           "tlsSecretName": "tls"})
+    assert render.router_deployment(o)["spec"]["replicas"] == 3
+    ing = render.ingress(o)
+    assert ing["spec"]["ingressClassName"] == "nginx" and ing["spec"]["tls"][0]["hosts"] == ["llm.example.com"]
+    assert ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"] == {"name": "m", "port": {"number": 8000}}
+    assert render.ingress(od()) is None
+    assert render.pdb(o, "policy/v1beta1")["apiVersion"] == "policy/v1beta1"
+    assert render.endpoint(o) == "http://m.ns.svc:8000"
+
+
+@pytest.mark.parametrize("spec,field", [
+    ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}, "minReplicas"),
+    ({"parallelism": {"tensor": 2}, "model": {"name": "x", "numKeyValueHeads": 3}}, "numKeyValueHeads"),
+    ({"model": {"name": "x", "source": "path"}}, "model.pvc"),
+])
+def test_cross_field_rules(spec: dict, field: str) -> None:
+    with pytest.raises(render.SpecError, match=field):
+        render.validate(od(**spec)["spec"])
+    render.validate(od()["spec"])
+
+
+def test_subset_comparison_ignores_server_defaults_but_not_edits() -> None:
+    want = {"spec": {"replicas": 2, "ports": [{"port": 8000}]}}
+    assert is_subset(want, {"spec": {"replicas": 2, "ports": [{"port": 8000, "protocol": "TCP"}], "x": 1}})
+    assert not is_subset(want, {"spec": {"replicas": 3, "ports": [{"port": 8000}]}})
+    assert not is_subset(want, {"spec": {"replicas": 2, "ports": []}})
