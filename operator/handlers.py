@@ -65,8 +65,7 @@ def _prune_and_count(ap: Applier, od: render.Obj) -> int:
     """Delete replica groups beyond spec.replicas; return how many groups have all stages ready."""
     meta, spec = od["metadata"], od["spec"]
     replicas, pipeline = int(spec.get("replicas", 1)), render.parallelism(spec)[1]
-    selector = render.engine_selector(meta["name"]).replace("app.kubernetes.io/component=engine",
-                                                            "app.kubernetes.io/component=engine,orca.dev/replica")
+    selector = f"{render.engine_selector(meta['name'])},orca.dev/replica"
     ready = 0
     for sts in ap.list("apps/v1", "StatefulSet", meta["namespace"], selector):
         replica = int(sts["metadata"]["labels"]["orca.dev/replica"])
