@@ -17,6 +17,8 @@ Obj = dict[str, Any]
 GROUP, VERSION, PLURAL, KIND = "orca.dev", "v1alpha1", "orcadeployments", "OrcaDeployment"
 DEFAULT_IMAGE = "ghcr.io/orca-serve/orca:0.1.0"
 PORT = 8000
+# Head counts of the bundled SmolLM2-135M, so TP is checked for it without reading the model.
+BUNDLED_HEADS = {"numAttentionHeads": 9, "numKeyValueHeads": 3}
 DRAIN_SECONDS = 30
 PRESTOP_SECONDS = 5
 
@@ -33,8 +35,9 @@ def validate(spec: Obj) -> None:
                         f"autoscaling.maxReplicas ({auto.get('maxReplicas', 1)})")
     tp = parallelism(spec)[0]
     model = spec["model"]
+    known = BUNDLED_HEADS if model.get("source", "bundled") == "bundled" else {}
     for field in ("numAttentionHeads", "numKeyValueHeads"):
-        heads = model.get(field)
+        heads = model.get(field) or known.get(field)
         if heads and heads % tp:
             raise SpecError(f"parallelism.tensor ({tp}) must divide model.{field} ({heads})")
     if model.get("source", "bundled") == "path" and not (model.get("pvc") or model.get("hostPath")):

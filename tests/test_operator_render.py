@@ -84,8 +84,9 @@ def test_router_ingress_pdb() -> None:
 
 @pytest.mark.parametrize("spec,field", [
     ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}, "minReplicas"),
-    ({"parallelism": {"tensor": 2}, "model": {"name": "x", "numKeyValueHeads": 3}}, "numKeyValueHeads"),
+    ({"parallelism": {"tensor": 3}, "model": {"name": "x", "numKeyValueHeads": 2}}, "numKeyValueHeads"),
     ({"model": {"name": "x", "source": "path"}}, "model.pvc"),
+    ({"parallelism": {"tensor": 2}}, "numAttentionHeads"),  # the bundled model has 9 heads, 3 KV heads
 ])
 def test_cross_field_rules(spec: dict, field: str) -> None:
     with pytest.raises(render.SpecError, match=field):
