@@ -62,9 +62,14 @@ class Sampler:
     """
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
+        params = [s.params for s in seqs]
+        # Greedy rows need only the argmax, which the model dtype gives exactly (upcasting is exact);
+        # anything that computes with the logits works in float32.
+        if any(not p.greedy or p.logprobs is not None or p.presence_penalty or p.frequency_penalty
+               or p.repetition_penalty != 1.0 for p in params):
+            logits = logits.float()
         raw = logits
         logits = apply_penalties(logits, seqs)
-        params = [s.params for s in seqs]
         tokens = logits.max(dim=-1).indices  # first maximum, like argmax, but several times faster on CPU
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:

@@ -38,5 +38,5 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.vocab_size = vocab_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x, self.weight).float()
+        logits = F.linear(x, self.weight)  # model dtype: the sampler upcasts only rows that need it
         return parallel.all_gather_last_dim(logits)[:, :self.vocab_size]
