@@ -8,6 +8,8 @@ from enum import Enum, auto
 
 import torch
 
+_GREEDY_EPS = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -52,7 +54,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, dividing the logits by the temperature overflows (inf/NaN probabilities);
+        # the distribution is a point mass on the argmax anyway (vLLM uses the same epsilon).
+        return self.temperature < _GREEDY_EPS
 
 
 class SequenceStatus(Enum):

@@ -165,3 +165,15 @@ def test_sampling_params_validation_names_the_field() -> None:
                          ("max_tokens", 0), ("logprobs", 99), ("presence_penalty", 3.0)]:
         with pytest.raises(ValueError, match=field):
             SamplingParams(**{field: value})
+
+
+def test_tiny_temperature_samples_like_greedy() -> None:
+    """Dividing logits by 1e-300 would overflow to inf/NaN; such temperatures mean greedy."""
+    import torch
+
+    from orca.engine.sampler import Sampler
+
+    logits = torch.tensor([[0.5, 3.0, 1.0, 2.9]] * 3)
+    seqs = [Sequence(f"r{i}", [1], SamplingParams(temperature=t, seed=i)) for i, t in enumerate((0.0, 1e-300, 1e-6))]
+    tokens, _ = Sampler()(logits, seqs)
+    assert tokens == [1, 1, 1]
