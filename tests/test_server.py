@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import socket
 import time
 
 import httpx
@@ -35,6 +37,12 @@ def metric(server: ServerProcess, name: str) -> float:
     m = re.search(rf"^orca:{name}\{{[^}}]*\}} (\S+)$", text, re.MULTILINE)
     assert m, f"metric orca:{name} missing"
     return float(m.group(1))
+
+
+def aborts(server: ServerProcess) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    m = re.search(r'^orca:request_success_total\{finished_reason="abort"[^}]*\} (\S+)$', text, re.MULTILINE)
+    return float(m.group(1)) if m else 0.0
 
 
 def test_health_ready_models(server: ServerProcess, client: openai.OpenAI) -> None:
@@ -100,6 +108,44 @@ def test_logprobs(client: openai.OpenAI) -> None:
     assert all(c.logprob == max(t.logprob for t in c.top_logprobs) for c in content)
 
 
+def test_streamed_n_and_several_prompts_with_usage(client: openai.OpenAI) -> None:
+    """n choices per prompt, prompt-major; streamed text per index equals the non-streamed choices."""
+    kw = dict(model=MODEL, prompt=[[504, 2536, 314], [28, 1159]], max_tokens=6, temperature=0.8, seed=11, n=2,
+              extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw)
+    assert [c.index for c in full.choices] == [0, 1, 2, 3]
+    texts: dict[int, str] = {}
+    usage = None
+    for chunk in client.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+        usage = chunk.usage or usage
+    assert [texts[i] for i in range(4)] == [c.text for c in full.choices]
+    assert usage.completion_tokens == full.usage.completion_tokens == 24
+    assert usage.prompt_tokens == full.usage.prompt_tokens == 5  # counted once per prompt, not once per choice
+
+
+def test_chat_n_stream_usage_and_max_completion_tokens(client: openai.OpenAI) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
+    stream = client.chat.completions.create(model=MODEL, messages=messages, n=2, max_completion_tokens=5,
+                                            temperature=0, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    texts = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+             for i in range(2)]
+    assert texts[0] == texts[1] and texts[0]  # greedy: both choices agree
+    assert chunks[-1].choices == [] and 0 < chunks[-1].usage.completion_tokens <= 10
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=5, temperature=0)
+    assert full.choices[0].message.content == texts[0]
+    assert full.usage.prompt_tokens == chunks[-1].usage.prompt_tokens
+
+
+def test_tiny_temperature_is_greedy_and_priority_is_accepted(client: openai.OpenAI) -> None:
+    greedy = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=8, temperature=0)
+    tiny = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=8, temperature=1e-300,
+                                     extra_body={"priority": -5})
+    assert tiny.choices[0].text == greedy.choices[0].text
+
+
 BAD = [
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
@@ -142,13 +188,15 @@ def test_cancelled_streams_free_their_blocks(server: ServerProcess) -> None:
         async def one(i: int) -> str:
             stream = await aclient.completions.create(model=MODEL, prompt=f"Story number {i}:", max_tokens=40,
                                                       temperature=0, stream=True, extra_body={"ignore_eos": True})
-            text, seen = "", 0
+            text, seen, reason = "", 0, None
             async for chunk in stream:
                 text += chunk.choices[0].text
+                reason = chunk.choices[0].finish_reason or reason
                 seen += 1
                 if i % 2 and seen == 2:
                     await stream.close()  # the client goes away mid-stream
                     return "cancelled"
+            assert reason == "length", reason
             return text
 
         try:
@@ -156,6 +204,7 @@ def test_cancelled_streams_free_their_blocks(server: ServerProcess) -> None:
         finally:
             await aclient.close()
 
+    aborted = aborts(server)
     results = asyncio.run(run())
     assert results.count("cancelled") == 16
     assert all(r != "cancelled" and r for r in results[::2])
@@ -163,6 +212,30 @@ def test_cancelled_streams_free_their_blocks(server: ServerProcess) -> None:
     while metric(server, "kv_cache_usage_perc") != 0 or metric(server, "num_requests_running") != 0:
         assert time.monotonic() < deadline, "KV blocks of cancelled streams were not freed"
         time.sleep(0.2)
+    assert aborts(server) == aborted + 16
+
+
+def test_non_streamed_request_is_aborted_when_the_client_disconnects(server: ServerProcess) -> None:
+    """Nobody reads the answer any more, so the server must stop generating and free the blocks."""
+    body = json.dumps({"model": MODEL, "prompt": "Count to a thousand:", "max_tokens": 900, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    generated, aborted = metric(server, "generation_tokens_total"), aborts(server)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 30
+        while metric(server, "generation_tokens_total") == generated:  # it is generating
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.05)
+    finally:
+        sock.close()
+    deadline = time.monotonic() + 30
+    while metric(server, "num_requests_running") != 0 or metric(server, "kv_cache_usage_perc") != 0:
+        assert time.monotonic() < deadline, "the abandoned request kept running"
+        time.sleep(0.05)
+    assert aborts(server) == aborted + 1
+    assert metric(server, "generation_tokens_total") - generated < 900
 
 
 def test_metrics_exposition(server: ServerProcess) -> None:
@@ -178,13 +251,11 @@ def test_metrics_exposition(server: ServerProcess) -> None:
 
 
 def test_bench_serve_against_the_server(server: ServerProcess, tmp_path) -> None:
-    import json
-
     from orca.engine.cli import main
 
     out = tmp_path / "serve.json"
-    assert main(["bench", "serve", "--url", server.url, "--rate", "inf", "--num-requests", "3",
+    assert main(["bench", "serve", "--url", server.url, "--rate", "4", "--num-requests", "3",
                  "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["completed"] == 3 and result["failed"] == 0
+    assert result["completed"] == 3 and result["failed"] == 0 and result["rate"] == 4
     assert result["generated_tok_s"] > 0 and 0 < result["ttft_s"]["p50"] <= result["e2e_s"]["p99"]

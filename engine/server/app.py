@@ -11,7 +11,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,15 +20,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..async_engine import AsyncLLMEngine, EngineDeadError
 from ..output_processor import RequestOutput
 from ..sequence import SamplingParams, Sequence
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-
-OPEN_PATHS = ("/health", "/ready", "/metrics")
-
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
@@ -87,25 +86,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)
 
-    @app.middleware("http")
-    async def gate(request: Request, call_next: Any) -> Response:
-        path = request.url.path
-        if path.startswith("/v1/"):
-            if state.api_key is not None:
-                header = request.headers.get("authorization", "")
-                token = header[7:] if header.lower().startswith("bearer ") else ""
-                if not hmac.compare_digest(token.encode(), state.api_key.encode()):
-                    return error_response(APIError(401, "invalid or missing API key", "authentication_error",
-                                                   code="invalid_api_key"))
-            if state.draining:
-                return error_response(APIError(503, "server is draining", "service_unavailable",
-                                               code="draining", headers={"Retry-After": "1"}))
-            state.inflight += 1
-            try:
-                return await call_next(request)
-            finally:
-                state.inflight -= 1
-        return await call_next(request)
+    app.add_middleware(_Gate, state=state)
 
     @app.get("/health")
     async def health() -> Response:
@@ -129,25 +110,95 @@ def build_app(state: ServerState) -> FastAPI:
             "max_model_len": state.engine.engine.max_model_len}]}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> Response:
-        prompts = _completion_prompts(req.prompt)
-        seqs = await _submit(state, req, prompts, req.max_tokens or 16, req.logprobs)
-        handler = _Completion(state, req, seqs, prompts)
-        return await handler.respond()
+    async def completions(req: CompletionRequest, request: Request) -> Response:
+        return await _unless_disconnected(request, _complete(state, req))
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest) -> Response:
-        tok = state.engine.tokenizer
-        try:
-            text = tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages])
-        except Exception as e:  # a template that rejects the conversation (e.g. roles out of order)
-            raise APIError(400, f"messages: {e}", param="messages") from e
-        ids = await asyncio.to_thread(tok.encode, text, False)
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        seqs = await _submit(state, req, [ids], req.max_completion_tokens or req.max_tokens, logprobs)
-        return await _Chat(state, req, seqs).respond()
+    async def chat(req: ChatCompletionRequest, request: Request) -> Response:
+        return await _unless_disconnected(request, _chat(state, req))
 
     return app
+
+
+class _Gate:
+    """API key, drain and in-flight accounting for /v1, as plain ASGI middleware.
+
+    Only /v1 is gated: /health, /ready and /metrics stay open for probes and scrapers, and keep
+    answering while the server drains.
+
+    Not `@app.middleware("http")`: that returns as soon as a response's headers exist, so a
+    streamed response would stop counting as in flight before its first token and the drain could
+    exit under it. Here a request counts until its last byte is sent.
+    """
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = self.state
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        if state.api_key is not None:
+            header = Headers(scope=scope).get("authorization", "")
+            token = header[7:] if header.lower().startswith("bearer ") else ""
+            # constant time, so response timing does not leak how much of a guess was right
+            if not hmac.compare_digest(token.encode(), state.api_key.encode()):
+                await error_response(APIError(401, "invalid or missing API key", "authentication_error",
+                                              code="invalid_api_key"))(scope, receive, send)
+                return
+        if state.draining:
+            await error_response(APIError(503, "server is draining", "service_unavailable", code="draining",
+                                          headers={"Retry-After": "1"}))(scope, receive, send)
+            return
+        state.inflight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            state.inflight -= 1
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
+    """Run a handler, cancelling it if the client hangs up first.
+
+    Starlette notices a disconnect only while it streams a body; a non-streamed completion would
+    otherwise keep generating (and holding KV blocks) for nobody. Cancelling the handler closes
+    its streams, which aborts its sequences.
+    """
+
+    async def hung_up() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(hung_up())
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    return task.result()
+
+
+async def _complete(state: ServerState, req: CompletionRequest) -> Response:
+    prompts = _completion_prompts(req.prompt)
+    seqs = await _submit(state, req, prompts, req.max_tokens or 16, req.logprobs)
+    return await _Completion(state, req, seqs, prompts).respond()
+
+
+async def _chat(state: ServerState, req: ChatCompletionRequest) -> Response:
+    tok = state.engine.tokenizer
+    try:
+        text = tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages])
+    except Exception as e:  # a template that rejects the conversation (e.g. roles out of order)
+        raise APIError(400, f"messages: {e}", param="messages") from e
+    ids = await asyncio.to_thread(tok.encode, text, False)
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    seqs = await _submit(state, req, [ids], req.max_completion_tokens or req.max_tokens, logprobs)
+    return await _Chat(state, req, seqs).respond()
 
 
 def _completion_prompts(prompt: Any) -> list[str | list[int]]:
@@ -198,7 +249,7 @@ async def _submit(state: ServerState, req: SamplingFields, prompts: list[str | l
 
 async def _tracked(state: ServerState, seq: Sequence) -> AsyncIterator[RequestOutput]:
     """One sequence's outputs, with its latencies recorded; it stops counting as waiting at its first token."""
-    m, start, last = state.metrics, seq.arrival_time, None
+    m, start, last, finished = state.metrics, seq.arrival_time, None, False
     try:
         async with aclosing(state.engine.stream(seq)) as stream:
             async for out in stream:
@@ -211,6 +262,7 @@ async def _tracked(state: ServerState, seq: Sequence) -> AsyncIterator[RequestOu
                     m.itl.observe(now - last)
                 last = now
                 if out.finished:
+                    finished = True
                     m.e2e.observe(now - start)
                     m.request_finished(out.finish_reason or "abort")
                     if seq.first_scheduled_time is not None:
@@ -219,6 +271,8 @@ async def _tracked(state: ServerState, seq: Sequence) -> AsyncIterator[RequestOu
     finally:
         if last is None:
             state.queued -= 1
+        if not finished:  # client gone, or cancelled: vLLM counts these as finished_reason="abort"
+            m.request_finished("abort")
 
 
 async def _merged(state: ServerState, seqs: list[Sequence]) -> AsyncIterator[tuple[int, RequestOutput]]:
