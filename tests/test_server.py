@@ -139,6 +139,16 @@ def test_chat_n_stream_usage_and_max_completion_tokens(client: openai.OpenAI) ->
     assert full.usage.prompt_tokens == chunks[-1].usage.prompt_tokens
 
 
+def test_echo_and_streamed_logprob_offsets(client: openai.OpenAI) -> None:
+    kw = dict(model=MODEL, prompt="Hello there", max_tokens=4, temperature=0, echo=True, logprobs=1)
+    full = client.completions.create(**kw).choices[0]
+    assert full.text.startswith("Hello there")
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert "".join(c.text for c in chunks) == full.text
+    offsets = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
+    assert offsets == full.logprobs.text_offset and offsets[0] == len("Hello there")
+
+
 def test_tiny_temperature_is_greedy_and_priority_is_accepted(client: openai.OpenAI) -> None:
     greedy = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=8, temperature=0)
     tiny = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=8, temperature=1e-300,

@@ -390,14 +390,23 @@ class _Completion(_Response):
                  prompts: list[str | list[int]]) -> None:
         super().__init__(state, req, seqs)
         self.prompts = prompts
+        # where the next streamed token starts in each choice's text (logprobs.text_offset)
+        self.offsets = [len(self.echoed(i)) for i in range(len(seqs))]
 
-    def _logprobs(self, out: RequestOutput, new: int | None = None) -> dict[str, Any] | None:
+    def echoed(self, i: int) -> str:
+        """The prompt text that `echo` puts before choice i's completion ("" without echo)."""
+        if not self.req.echo:
+            return ""
+        prompt = self.prompts[i // self.req.n]
+        return prompt if isinstance(prompt, str) else self.tok.decode(prompt)
+
+    def _logprobs(self, out: RequestOutput, start: int, new: int | None = None) -> dict[str, Any] | None:
         if self.req.logprobs is None:
             return None
         ids = out.token_ids if new is None else out.token_ids[-new:]
         entries = out.logprobs if new is None else out.logprobs[-new:]
         tokens = [self.token_text(t) for t in ids]
-        offsets, pos = [], 0
+        offsets, pos = [], start
         for t in tokens:
             offsets.append(pos)
             pos += len(t)
@@ -406,16 +415,22 @@ class _Completion(_Response):
                 "text_offset": offsets}
 
     def choice(self, i: int, out: RequestOutput) -> dict[str, Any]:
-        text = out.text
-        if self.req.echo:
-            prompt = self.prompts[i // self.req.n]
-            text = (prompt if isinstance(prompt, str) else self.tok.decode(prompt)) + text
-        return {"index": i, "text": text, "logprobs": self._logprobs(out), "finish_reason": out.finish_reason}
+        return {"index": i, "text": self.echoed(i) + out.text, "logprobs": self._logprobs(out, self.offsets[i]),
+                "finish_reason": out.finish_reason}
+
+    def opening_chunks(self) -> list[dict[str, Any]]:
+        if not self.req.echo:
+            return []
+        return [self.chunk([{"index": i, "text": self.echoed(i), "logprobs": None, "finish_reason": None}])
+                for i in range(len(self.seqs))]
 
     def delta(self, i: int, out: RequestOutput) -> dict[str, Any] | None:
         if not out.new_text and not out.finished and self.req.logprobs is None:
             return None
-        return self.chunk([{"index": i, "text": out.new_text, "logprobs": self._logprobs(out, len(out.new_token_ids)),
+        logprobs = self._logprobs(out, self.offsets[i], len(out.new_token_ids))
+        if logprobs is not None:
+            self.offsets[i] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+        return self.chunk([{"index": i, "text": out.new_text, "logprobs": logprobs,
                             "finish_reason": out.finish_reason if out.finished else None}])
 
 
