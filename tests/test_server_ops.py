@@ -69,10 +69,36 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(strict: ServerProcess) -
     r = httpx.post(f"{strict.url}/v1/completions", json={"model": MODEL, "prompt": "Hi"},
                    headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "draining"
+    assert httpx.get(f"{strict.url}/health").status_code == 200  # alive, just not taking work
     rest = list(chunks)
     assert rest[-1].usage.completion_tokens == 120
     assert [c for c in [first, *rest] if c.choices][-1].choices[0].finish_reason == "length"
     assert strict.proc.wait(timeout=60) == 0
+
+
+def test_drain_timeout_bounds_the_shutdown() -> None:
+    """A request longer than --drain-timeout is cut, and the server still exits 0 soon after."""
+    srv = ServerProcess("--kv-cache-memory", "128MiB", "--max-model-len", "512", "--drain-timeout", "1")
+    try:
+        srv.wait_ready()
+        body = {"model": MODEL, "prompt": "Count:", "max_tokens": 500, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        received = 0
+        with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            while received < 2:  # generating
+                received += next(lines).startswith("data: ")
+            srv.proc.send_signal(signal.SIGTERM)
+            start = time.monotonic()
+            try:
+                for _ in lines:
+                    pass
+            except httpx.HTTPError:
+                pass  # the connection was cut mid-stream
+        assert srv.proc.wait(timeout=30) == 0
+        assert time.monotonic() - start < 15
+    finally:
+        srv.stop()
 
 
 @pytest.fixture(scope="module")

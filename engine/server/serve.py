@@ -64,6 +64,8 @@ class _DrainingServer(uvicorn.Server):
         deadline = time.monotonic() + self.drain_timeout
         while (self.state.inflight or self.state.engine.num_streams) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if self.state.inflight:
+            log.warning("drain timeout: cutting %d request(s) still in flight", self.state.inflight)
         self.should_exit = True
 
 
@@ -74,8 +76,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     metrics = Metrics(name)
     state = ServerState(AsyncLLMEngine(engine, on_step=metrics.on_step), name, metrics,
                         api_key=args.api_key or None, max_waiting=args.max_waiting)
+    # The drain already gave requests their time; uvicorn's own grace period only lets the last
+    # bytes of finished responses out, so the exit comes soon after --drain-timeout.
     config = uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=1)
     server = _DrainingServer(config, state, args.drain_timeout)
     log.info("serving %s on http://%s:%d", name, args.host, args.port)
     server.run()
