@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import os
+import sys
 import time
 
 import uvicorn
@@ -84,3 +85,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("serving %s on http://%s:%d", name, args.host, args.port)
     server.run()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m orca.engine.server.serve [flags]`: the same server without the `orca` CLI around it."""
+    parser = argparse.ArgumentParser(prog="orca")
+    add_serve_args(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
