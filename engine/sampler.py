@@ -74,9 +74,12 @@ class Sampler:
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:
             sub = logits[sampled] / torch.tensor([params[i].temperature for i in sampled]).unsqueeze(1)
+            vocab = logits.shape[-1]
             sub = filter_logits(
                 sub,
-                torch.tensor([params[i].top_k for i in sampled]),
+                # clamped here, not only in filter_logits: a top_k past int64 cannot become a tensor,
+                # and an exception on the model loop would fail every request in flight
+                torch.tensor([min(params[i].top_k, vocab) for i in sampled]),
                 torch.tensor([params[i].top_p for i in sampled]),
                 torch.tensor([params[i].min_p for i in sampled]),
             )

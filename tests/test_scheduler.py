@@ -177,3 +177,15 @@ def test_tiny_temperature_samples_like_greedy() -> None:
     seqs = [Sequence(f"r{i}", [1], SamplingParams(temperature=t, seed=i)) for i, t in enumerate((0.0, 1e-300, 1e-6))]
     tokens, _ = Sampler()(logits, seqs)
     assert tokens == [1, 1, 1]
+
+
+def test_huge_top_k_means_no_top_k() -> None:
+    """Any int is a valid top_k (the API does not bound it); one past int64 must not crash the batch."""
+    import torch
+
+    from orca.engine.sampler import Sampler
+
+    logits = torch.tensor([[0.5, 3.0, 1.0, 2.9]] * 2)
+    seqs = [Sequence(f"r{i}", [1], SamplingParams(top_k=k, seed=1)) for i, k in enumerate((2**70, -1))]
+    tokens, _ = Sampler()(logits, seqs)
+    assert tokens[0] == tokens[1]  # same seed, same distribution
