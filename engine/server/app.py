@@ -27,7 +27,28 @@ from ..async_engine import AsyncLLMEngine, EngineDeadError
 from ..output_processor import RequestOutput
 from ..sequence import SamplingParams, Sequence
 from .metrics import Metrics
-from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from .protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                       CompletionResponse, ErrorResponse, Health, ModelList, Readiness, SamplingFields)
+
+_WHY = {400: "An invalid value; `param` names the field.", 401: "Missing or wrong API key.",
+        404: "Unknown model.", 429: "Too many requests waiting; retry after `Retry-After` seconds.",
+        503: "The server is draining (or its engine failed)."}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorResponse, "description": _WHY[code]} for code in codes}
+
+
+def _streamed(chunk: type) -> dict[int | str, dict[str, Any]]:
+    """`stream: true` answers 200 with server-sent events instead of one JSON body."""
+    return {200: {"description": f"JSON, or with `stream: true` server-sent events: `data: {{{chunk.__name__}}}` "
+                                 "per event, then `data: [DONE]`.",
+                  # one server-sent event, as OpenAPI 3.2's itemSchema describes event streams
+                  "content": {"text/event-stream": {"schema": {
+                      "type": "object", "required": ["data"],
+                      "properties": {"data": {"type": "string", "description": f"a {chunk.__name__} as JSON, "
+                                                                                 "or [DONE] at the end"},
+                                     "event": {"type": "string"}}}}}}}
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
@@ -88,36 +109,72 @@ def build_app(state: ServerState) -> FastAPI:
 
     app.add_middleware(_Gate, state=state)
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, responses={503: {"model": Health, "description": "Engine failed."}})
     async def health() -> Response:
+        """Process alive (and its model loop too)."""
         if state.engine.error is not None:
             return JSONResponse({"status": "engine failed"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/ready")
+    @app.get("/ready", response_model=Readiness,
+             responses={503: {"model": Readiness, "description": "Draining, or the engine failed."}})
     async def ready() -> Response:
+        """Ready for traffic: model loaded and not draining."""
         ok = not state.draining and state.engine.error is None
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
+        """Prometheus text format, `orca:` names mirroring vLLM's."""
         return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{
+    @app.get("/v1/models", response_model=ModelList, responses=_errors(401, 503))
+    async def models() -> Response:
+        return JSONResponse({"object": "list", "data": [{
             "id": state.model_name, "object": "model", "created": state.created, "owned_by": "orca",
-            "max_model_len": state.engine.engine.max_model_len}]}
+            "max_model_len": state.engine.engine.max_model_len}]})
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=CompletionResponse,
+              responses={**_streamed(CompletionResponse), **_errors(400, 401, 404, 429, 503)})
     async def completions(req: CompletionRequest, request: Request) -> Response:
         return await _unless_disconnected(request, _complete(state, req))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+              responses={**_streamed(ChatCompletionChunk), **_errors(400, 401, 404, 429, 503)})
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
         return await _unless_disconnected(request, _chat(state, req))
 
+    _finish_schema(app)
     return app
+
+
+def _finish_schema(app: FastAPI) -> None:
+    """Make the published OpenAPI schema say what the server does.
+
+    Invalid bodies get OpenAI's 400 error shape (see `invalid`), so the schema must not promise
+    FastAPI's 422 with its own shape: clients and fuzzers read the schema literally. The chat
+    stream's event shape is published too, though no operation can reference it (an SSE body is
+    text, not one JSON document).
+    """
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
+            chunk = ChatCompletionChunk.model_json_schema(ref_template="#/components/schemas/{model}",
+                                                          mode="serialization")
+            for name, definition in chunk.pop("$defs", {}).items():
+                components.setdefault(name, definition)
+            components["ChatCompletionChunk"] = chunk
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class _Gate:
