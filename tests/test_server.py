@@ -12,6 +12,8 @@ import openai
 import pytest
 
 from conftest import ServerProcess
+from orca.engine.server.protocol import (ChatCompletionChunk, ChatCompletionResponse, CompletionResponse,
+                                         ErrorResponse, ModelList)
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
@@ -154,6 +156,46 @@ def test_tiny_temperature_is_greedy_and_priority_is_accepted(client: openai.Open
     tiny = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=8, temperature=1e-300,
                                      extra_body={"priority": -5})
     assert tiny.choices[0].text == greedy.choices[0].text
+
+
+EXTREME = [
+    {"top_k": 2**70, "temperature": 1.0},
+    {"repetition_penalty": 1e30, "frequency_penalty": -2, "presence_penalty": 2, "temperature": 2.0},
+    {"seed": 2**63 - 1, "n": 3, "temperature": 1.0},
+    {"priority": -(10**30), "min_p": 1.0, "top_p": 1e-9, "temperature": 1.0},
+    {"stop": ["a", "b", "\n", "the", " "], "logprobs": 20},
+]
+
+
+@pytest.mark.parametrize("extra", EXTREME, ids=[",".join(e) for e in EXTREME])
+def test_extreme_but_valid_values_are_served(server: ServerProcess, extra: dict) -> None:
+    """Values at the edges of what the schema allows must neither fail nor hurt the model loop."""
+    r = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                   json={"model": MODEL, "prompt": "Hello", "max_tokens": 3, **extra})
+    assert r.status_code == 200, r.text
+    CompletionResponse.model_validate(r.json())
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_bodies_match_the_published_models(server: ServerProcess) -> None:
+    """The handlers build plain dicts; these are the shapes /openapi.json promises."""
+    url = server.url
+    ModelList.model_validate(httpx.get(f"{url}/v1/models").json())
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "logprobs": True,
+            "top_logprobs": 2, "n": 2}
+    ChatCompletionResponse.model_validate(httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=60).json())
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
+                      json={**chat, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [ChatCompletionChunk.model_validate_json(e) for e in events[:-1]]
+    assert chunks[-1].usage is not None and chunks[0].choices[0].delta.role == "assistant"
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
+                      json={"model": MODEL, "prompt": "Hi", "max_tokens": 3, "stream": True, "logprobs": 1}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and all(CompletionResponse.model_validate_json(e).choices for e in events[:-1])
+    err = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "Hi", "top_p": 5})
+    assert ErrorResponse.model_validate(err.json()).error.param == "top_p"
 
 
 BAD = [

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 
@@ -9,6 +10,8 @@ import httpx
 import openai
 import pytest
 import schemathesis
+from schemathesis.checks import (content_type_conformance, not_a_server_error, response_schema_conformance,
+                                 status_code_conformance)
 from hypothesis import HealthCheck, given, settings
 
 from conftest import ServerProcess
@@ -118,12 +121,15 @@ def test_fuzzed_requests_never_get_a_5xx(fuzz_server: ServerProcess) -> None:
     assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models"}
     for op in operations:
         @given(case=op.as_strategy())
-        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=int(os.environ.get("ORCA_FUZZ_EXAMPLES", "25")), deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def check(case) -> None:
             if isinstance(case.body, dict) and "model" in case.body:  # random names would all stop at the 404
                 case.body["model"] = MODEL
             response = case.call(base_url=fuzz_server.url, timeout=60)
             assert response.status_code < 500, f"{case.method} {case.path} -> {response.status_code}: {response.text[:300]}"
+            # and the answer is one the schema promises: a documented status, content type and body
+            case.validate_response(response, checks=[not_a_server_error, status_code_conformance,
+                                                     content_type_conformance, response_schema_conformance])
 
         check()
 
