@@ -50,7 +50,10 @@ def _streamed(chunk: type) -> dict[int | str, dict[str, Any]]:
                                                                                  "or [DONE] at the end"},
                                      "event": {"type": "string"}}}}}}}
 
+
 class APIError(Exception):
+    """Raised anywhere in a handler; answered in OpenAI's error shape with this status."""
+
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
