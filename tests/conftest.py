@@ -89,6 +89,18 @@ class ServerProcess:
             self.proc.kill()
         self.proc.wait(timeout=30)
 
+    def __enter__(self) -> ServerProcess:
+        """Ready to serve on entry; killed on exit, whatever the test did."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 @pytest.fixture(scope="session")
 def k8s():

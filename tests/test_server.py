@@ -21,12 +21,8 @@ MODEL = "SmolLM2-135M-Instruct"
 
 @pytest.fixture(scope="module")
 def server() -> ServerProcess:
-    srv = ServerProcess("--kv-cache-memory", "256MiB", "--max-model-len", "1024", "--max-waiting", "256")
-    try:
-        srv.wait_ready()
+    with ServerProcess("--kv-cache-memory", "256MiB", "--max-model-len", "1024", "--max-waiting", "256") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

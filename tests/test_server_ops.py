@@ -23,13 +23,9 @@ KEY = "s3cret-key"
 
 @pytest.fixture(scope="module")
 def strict() -> ServerProcess:
-    srv = ServerProcess("--kv-cache-memory", "256MiB", "--max-model-len", "512", "--api-key", KEY,
-                        "--max-waiting", "2", "--drain-timeout", "60")
-    try:
-        srv.wait_ready()
+    with ServerProcess("--kv-cache-memory", "256MiB", "--max-model-len", "512", "--api-key", KEY,
+                        "--max-waiting", "2", "--drain-timeout", "60") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_api_key_is_required_on_v1_only(strict: ServerProcess) -> None:
@@ -106,12 +102,8 @@ def test_drain_timeout_bounds_the_shutdown() -> None:
 
 @pytest.fixture(scope="module")
 def fuzz_server() -> ServerProcess:
-    srv = ServerProcess("--kv-cache-memory", "128MiB", "--max-model-len", "96")
-    try:
-        srv.wait_ready()
+    with ServerProcess("--kv-cache-memory", "128MiB", "--max-model-len", "96") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_fuzzed_requests_never_get_a_5xx(fuzz_server: ServerProcess) -> None:
