@@ -43,6 +43,13 @@ def aborts(server: ServerProcess) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def openai_error(response: httpx.Response) -> dict:
+    """The `error` of OpenAI's error shape, which every failed request must answer in."""
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"] and error["type"], response.text
+    return error
+
+
 def test_health_ready_models(server: ServerProcess, client: openai.OpenAI) -> None:
     assert httpx.get(f"{server.url}/health").status_code == 200
     assert httpx.get(f"{server.url}/ready").status_code == 200
@@ -217,16 +224,40 @@ def test_bad_requests_name_the_field_and_the_server_keeps_serving(server: Server
                                                                    path: str, body: dict, status: int, param: str) -> None:
     r = httpx.post(server.url + path, json={"model": MODEL, **body}, timeout=30)
     assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    assert err["param"] == param
+    assert openai_error(r)["param"] == param
     ok = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
     assert ok.choices[0].text is not None
 
 
-def test_malformed_json_is_a_400(server: ServerProcess) -> None:
-    r = httpx.post(f"{server.url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 400 and "error" in r.json()
+UNPARSABLE = {
+    "malformed": b"{not json",
+    "not-utf-8": b'{"model": "\xff\xfe", "prompt": "x"}',
+    "nested-arrays": b"[" * 20000 + b"]" * 20000,  # past the JSON decoder's recursion limit
+    "nested-objects": b'{"a": ' * 20000 + b"1" + b"}" * 20000,
+    "huge-integer": b'{"model": "%s", "prompt": "x", "seed": %s}' % (MODEL.encode(), b"9" * 5000),
+}
+
+
+@pytest.mark.parametrize("body", list(UNPARSABLE.values()), ids=list(UNPARSABLE))
+def test_unparsable_bodies_get_openai_errors_and_the_server_keeps_serving(server: ServerProcess,
+                                                                          client: openai.OpenAI, body: bytes) -> None:
+    def greedy() -> str:
+        return client.completions.create(model=MODEL, prompt="The sky is", max_tokens=6, temperature=0).choices[0].text
+
+    before = greedy()
+    r = httpx.post(f"{server.url}/v1/completions", content=body, headers={"content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 400, r.text
+    assert openai_error(r)["type"] == "invalid_request_error"
+    assert greedy() == before
+
+
+def test_unknown_paths_and_methods_get_openai_errors(server: ServerProcess) -> None:
+    missing = httpx.post(f"{server.url}/v1/embeddings", json={"model": MODEL, "input": "x"})
+    assert missing.status_code == 404 and "/v1/embeddings" in openai_error(missing)["message"]
+    wrong = httpx.get(f"{server.url}/v1/completions")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    openai_error(wrong)
 
 
 def test_cancelled_streams_free_their_blocks(server: ServerProcess) -> None:

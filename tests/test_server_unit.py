@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import generate_latest
 
 from orca.engine.output_processor import TokenUpdate
-from orca.engine.server.app import bad_value
+from orca.engine.server.errors import bad_value
 from orca.engine.server.metrics import Metrics
 
 
