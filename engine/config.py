@@ -1,4 +1,4 @@
-"""Model and engine configuration shared by loaders, model, scheduler and CLI."""
+"""Model and engine configuration shared by loaders, model, scheduler and CLI (torch-free, so the CLI starts fast)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,3 +21,21 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # None: the bundled SmolLM2-135M-Instruct GGUF
+    dtype: str = "auto"  # auto: bfloat16 where the device has fast bf16, else float32
+    device: str = "auto"
+    max_batch_size: int = 256
+    max_num_batched_tokens: int = 4096
+    max_model_len: int | None = None
+    kv_cache_memory: str | float = "4GiB"  # bytes ("4GiB", 1000000) or a fraction of free memory (0.3)
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    preemption: str = "reserve"
+    # Every request's tokens independent of what shares its batch, how its prompt is chunked and what
+    # the prefix cache holds; requests with a seed get this anyway. Costs prefill speed.
+    batch_invariant: bool = False
+    seed: int = 0

@@ -4,12 +4,12 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from dataclasses import dataclass
 
 import torch
 
 from .block_manager import BlockManager
-from .config import ModelConfig
+from .bundled_model import BUNDLED_MODEL_NAME
+from .config import EngineConfig, ModelConfig
 from .layers.attention import select_backend
 from .loaders import load_model
 from .model_runner import ModelRunner
@@ -17,21 +17,6 @@ from .models.llama import LlamaForCausalLM
 from .output_processor import OutputProcessor, RequestOutput, TokenUpdate
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import SamplingParams, Sequence
-
-
-@dataclass
-class EngineConfig:
-    model: str | None = None  # None: the bundled SmolLM2-135M-Instruct GGUF
-    dtype: str = "auto"  # auto: bfloat16 where the device has fast bf16, else float32
-    device: str = "auto"
-    max_batch_size: int = 256
-    max_num_batched_tokens: int = 4096
-    max_model_len: int | None = None
-    kv_cache_memory: str | float = "4GiB"  # bytes ("4GiB", 1000000) or a fraction of free memory (0.3)
-    block_size: int = 16
-    enable_prefix_caching: bool = True
-    preemption: str = "reserve"
-    seed: int = 0
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -80,7 +65,7 @@ class LLMEngine:
         loaded = load_model(config.model)
         self.model_config: ModelConfig = loaded.config
         self.tokenizer = loaded.tokenizer
-        self.model_name = config.model or "SmolLM2-135M-Instruct"
+        self.model_name = config.model or BUNDLED_MODEL_NAME
         self.max_model_len = min(config.max_model_len or loaded.config.max_position, loaded.config.max_position)
         with torch.device(self.device):
             model = LlamaForCausalLM(loaded.config, select_backend(self.device)).to(self.dtype)
@@ -93,7 +78,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_num_batched_tokens,
                                                    self.max_model_len, config.preemption), self.block_manager)
-        self.runner = ModelRunner(model, loaded.config, num_blocks, config.block_size, self.dtype, self.device)
+        self.runner = ModelRunner(model, loaded.config, num_blocks, config.block_size, self.dtype, self.device,
+                                  config.batch_invariant)
         self.requests: dict[str, Sequence] = {}
         self.processor = OutputProcessor(self.tokenizer)  # text for step(); AsyncLLMEngine keeps its own
         self.last_iteration_tokens = 0

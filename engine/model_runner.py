@@ -31,8 +31,9 @@ def keep_freed_memory() -> None:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, cfg: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, batch_invariant: bool = False) -> None:
         self.model, self.cfg, self.block_size, self.device = model, cfg, block_size, device
+        self.batch_invariant = batch_invariant
         attn_layers = [layer.self_attn.attn for layer in model.model.layers]
         self.kv_heads, self.head_dim = attn_layers[0].num_kv_heads, attn_layers[0].head_dim
         shape = (num_blocks * block_size, self.kv_heads, self.head_dim)
@@ -47,14 +48,26 @@ class ModelRunner:
     def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, tp: int = 1) -> int:
         return 2 * cfg.num_layers * block_size * (cfg.num_kv_heads // tp) * cfg.head_dim * dtype.itemsize
 
+    def attends_per_row(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Whether every new token of `seq` attends as a single-query row (the decode path).
+
+        Decodes always do. A prompt chunk does when its request has a seed (or the engine is batch
+        invariant): a per-row kernel gives each token the same arithmetic however its prompt was cut
+        into chunks, whatever the prefix cache held and whatever shared the step, so a seeded request
+        samples from the same logits every time. Batched prefill attention would not: its reduction
+        order follows the chunk's shape.
+        """
+        return num_new_tokens == 1 or self.batch_invariant or seq.params.seed is not None
+
     def prepare(self, batch: ScheduledBatch) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Order rows (decodes by context length, then prefill chunks) and build every index of the step.
+        """Order rows (single-query rows first, then prefill chunks) and build every index of the step.
 
         Returns (row order as batch indices, input_ids, positions, rows whose logits are sampled, metadata).
         """
         seqs, counts = batch.seqs, batch.num_new_tokens
-        decodes = sorted((i for i, n in enumerate(counts) if n == 1), key=lambda i: seqs[i].num_computed_tokens)
-        order = decodes + [i for i, n in enumerate(counts) if n > 1]
+        per_row = [self.attends_per_row(s, n) for s, n in zip(seqs, counts)]
+        num_per_row_seqs = sum(per_row)
+        order = [i for i, p in enumerate(per_row) if p] + [i for i, p in enumerate(per_row) if not p]
         seqs = [seqs[i] for i in order]
         counts_l = [counts[i] for i in order]
         starts_l = [s.num_computed_tokens for s in seqs]
@@ -63,7 +76,6 @@ class ModelRunner:
             ids.extend(s.token_ids[st:st + n])
         bs, kvh = self.block_size, self.kv_heads
         counts_t, starts_t = torch.tensor(counts_l), torch.tensor(starts_l)
-        ctx_t = starts_t + counts_t
         width = max(len(s.block_table) for s in seqs)
         tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
         offsets = counts_t.cumsum(0) - counts_t
@@ -72,12 +84,12 @@ class ModelRunner:
         positions = torch.arange(num_tokens) - torch.repeat_interleave(offsets - starts_t, counts_t, output_size=num_tokens)
         slot_mapping = tables[row, positions // bs] * bs + positions % bs
         heads = torch.arange(kvh)
-        nd = len(decodes)
-        meta = AttentionMetadata(slot_mapping=slot_mapping.to(self.device), block_size=bs, num_decodes=nd)
-        if nd:
-            meta.block_tables = tables[:nd].to(torch.int32).to(self.device)
-            meta.context_lens = ctx_t[:nd].to(torch.int32).to(self.device)
-        for r in range(len(decodes), len(seqs)):
+        num_decodes = int(counts_t[:num_per_row_seqs].sum())
+        meta = AttentionMetadata(slot_mapping=slot_mapping.to(self.device), block_size=bs, num_decodes=num_decodes)
+        if num_decodes:
+            meta.block_tables = tables[row[:num_decodes]].to(torch.int32).to(self.device)
+            meta.context_lens = (positions[:num_decodes] + 1).to(torch.int32).to(self.device)
+        for r in range(num_per_row_seqs, len(seqs)):
             start, n = int(offsets[r]), counts_l[r]
             p = PrefillSeq(start, start + n)
             if starts_l[r] > 0:

@@ -12,7 +12,8 @@ import httpx
 import pytest
 import torch
 
-from orca.engine.loaders import default_model_path
+from orca.engine.bundled_model import bundled_model_path
+from orca.engine.hf_reference import load_hf_model
 
 SYSTEM = ("You are Orca, a meticulous assistant for platform engineers. You answer questions about Kubernetes, "
           "GPUs, batching and schedulers with short, precise sentences, cite the relevant API object, and never "
@@ -36,15 +37,13 @@ NEW_TOKENS = 32
 
 @pytest.fixture(scope="session")
 def model_path() -> str:
-    return default_model_path()
+    return bundled_model_path()
 
 
 @pytest.fixture(scope="session")
 def hf_model(model_path: str):
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(model_path), gguf_file=os.path.basename(model_path), torch_dtype=torch.float32)
-    return model.eval()
+    pytest.importorskip("transformers")
+    return load_hf_model(model_path, "float32")
 
 
 @torch.inference_mode()
@@ -56,6 +55,19 @@ def hf_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
         out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
         tokens.append(int(out.logits[0, -1].argmax()))
     return tokens
+
+
+def drain(llm, limit: int = 5000) -> dict:
+    """Step the engine until every request finished; {request_id: final RequestOutput}."""
+    done = {}
+    for _ in range(limit):
+        if not llm.engine.has_unfinished_requests():
+            return done
+        for out in llm.engine.step():
+            if out.finished:
+                done[out.request_id] = out
+                llm.engine.release(out.request_id)
+    raise AssertionError("engine did not drain")
 
 
 class ServerProcess:

@@ -8,24 +8,14 @@ from orca.engine import LLM, SamplingParams
 from orca.engine.sampler import apply_penalties, filter_logits
 from orca.engine.sequence import Sequence
 
+from conftest import drain
+
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
     return LLM(dtype="float32", kv_cache_memory="256MiB", max_model_len=256)
-
-
-def drain(llm: LLM, limit: int = 2000) -> dict[str, object]:
-    done = {}
-    for _ in range(limit):
-        if not llm.engine.has_unfinished_requests():
-            return done
-        for o in llm.engine.step():
-            if o.finished:
-                done[o.request_id] = o
-                llm.engine.release(o.request_id)
-    raise AssertionError("engine did not drain")
 
 
 def test_seeded_sample_is_independent_of_the_batch(llm: LLM) -> None:

@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from orca.engine.loaders import LoadedModel, default_model_path, load_model
+from orca.engine.bundled_model import bundled_model_path
+from orca.engine.loaders import LoadedModel, load_model
 from orca.engine.loaders.hf import load_hf
 from orca.engine.tokenizer import IncrementalDetokenizer
 
@@ -37,12 +38,12 @@ def gguf_model() -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def hf_gguf_tokenizer():
-    path = default_model_path()
+    path = bundled_model_path()
     return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
 
 
 def test_default_path_dispatches_to_gguf(gguf_model: LoadedModel) -> None:
-    assert default_model_path().endswith(".gguf")
+    assert bundled_model_path().endswith(".gguf")
     assert gguf_model.num_weights == 3 + 9 * gguf_model.config.num_layers - gguf_model.config.tie_word_embeddings
 
 
@@ -85,7 +86,7 @@ def test_gguf_chat_template_matches_transformers(gguf_model: LoadedModel, hf_ggu
 
 @pytest.mark.slow
 def test_gguf_weights_match_transformers(gguf_model: LoadedModel) -> None:
-    path = default_model_path()
+    path = bundled_model_path()
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
     ).state_dict()

@@ -1,8 +1,8 @@
 """Attention over the paged KV cache: the only op of the model that is split per request.
 
 Token-wise ops see one flattened batch; here the rows are cut back into requests. The model runner
-orders rows as decode requests (sorted by context length) followed by prefill chunks, and builds
-the block tables once per step. On CPUs a C++ kernel reads decode contexts from the paged cache in
+orders rows as single-query rows (decodes, and the prompt tokens of requests that must not depend on
+how their prompt was chunked) followed by prefill chunks, and builds the block tables once per step. On CPUs a C++ kernel reads decode contexts from the paged cache in
 place; elsewhere (and for prefills with earlier context) contexts are gathered into a reused
 workspace for one fused SDPA call per group.
 """
@@ -30,8 +30,8 @@ class PrefillSeq:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens]: cache slot receiving each new token's K and V
     block_size: int
-    num_decodes: int = 0  # rows [0, num_decodes) are single-token decodes, sorted by context length
-    block_tables: torch.Tensor | None = None  # [num_decodes, width] int32
+    num_decodes: int = 0  # rows [0, num_decodes) each attend as one query over their own context
+    block_tables: torch.Tensor | None = None  # [num_decodes, width] int32, the block table of each row's request
     context_lens: torch.Tensor | None = None  # [num_decodes] int32, including the new token
     prefills: list[PrefillSeq] = field(default_factory=list)
     workspace_rows: int = 0  # largest prefill gather of this step, so one buffer serves every layer
@@ -53,11 +53,10 @@ def get_context() -> AttentionMetadata:
 
 @dataclass
 class _DecodeGroup:
-    start: int
-    end: int
+    rows: torch.Tensor  # decode rows of similar context length, padded to the longest
     ctx_len: int
-    gather_index: torch.Tensor  # [(end-start) * kv_heads * ctx_len] rows of the [slots * kv_heads, head_dim] cache
-    mask: torch.Tensor  # [end-start, 1, 1, ctx_len] bool, True where the slot holds context
+    gather_index: torch.Tensor  # [len(rows) * kv_heads * ctx_len] rows of the [slots * kv_heads, head_dim] cache
+    mask: torch.Tensor  # [len(rows), 1, 1, ctx_len] bool, True where the slot holds context
 
 
 class TorchAttentionBackend:
@@ -111,26 +110,27 @@ class TorchAttentionBackend:
         kbuf, vbuf = self._workspace(max(g.gather_index.numel() for g in groups), q)
         kc, vc = k_cache.view(-1, dim), v_cache.view(-1, dim)
         for g in groups:
-            n, rows = g.end - g.start, g.gather_index.numel()
+            n, rows = g.rows.numel(), g.gather_index.numel()
             keys = torch.index_select(kc, 0, g.gather_index, out=kbuf[:rows]).view(n, kv_heads, g.ctx_len, dim)
             vals = torch.index_select(vc, 0, g.gather_index, out=vbuf[:rows]).view(n, kv_heads, g.ctx_len, dim)
             # One query per head: the query heads sharing a KV head stand in as that head's query rows.
-            qg = q[g.start:g.end].view(n, kv_heads, num_heads // kv_heads, dim)
-            out[g.start:g.end] = F.scaled_dot_product_attention(
-                qg, keys, vals, attn_mask=g.mask, scale=scale).view(n, num_heads, dim)
+            qg = q[g.rows].view(n, kv_heads, num_heads // kv_heads, dim)
+            out[g.rows] = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=g.mask, scale=scale).view(n, num_heads, dim)
 
     def _decode_groups(self, meta: AttentionMetadata, kv_heads: int) -> list[_DecodeGroup]:
+        """Groups of rows sorted by context length, so padding each group to its longest wastes little."""
         bs, tables, lens = meta.block_size, meta.block_tables.long(), meta.context_lens.long()
         heads = torch.arange(kv_heads, device=tables.device)
+        by_length = lens.argsort(stable=True)
         groups = []
         for start in range(0, meta.num_decodes, self.DECODE_GROUP_SIZE):
-            end = min(start + self.DECODE_GROUP_SIZE, meta.num_decodes)
-            length = int(lens[end - 1])
+            rows = by_length[start:start + self.DECODE_GROUP_SIZE]
+            length = int(lens[rows[-1]])
             pos = torch.arange(length, device=tables.device)
-            valid = pos.unsqueeze(0) < lens[start:end].unsqueeze(1)
-            slots = torch.where(valid, tables[start:end][:, pos // bs] * bs + pos % bs, 0)
+            valid = pos.unsqueeze(0) < lens[rows].unsqueeze(1)
+            slots = torch.where(valid, tables[rows][:, pos // bs] * bs + pos % bs, 0)
             index = (slots.unsqueeze(1) * kv_heads + heads.view(1, -1, 1)).flatten()
-            groups.append(_DecodeGroup(start, end, length, index, valid[:, None, None, :]))
+            groups.append(_DecodeGroup(rows, length, index, valid[:, None, None, :]))
         return groups
 
 

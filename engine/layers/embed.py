@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import parallel
+from .linear import linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -38,5 +39,5 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.vocab_size = vocab_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x, self.weight)  # model dtype: the sampler upcasts only rows that need it
+        logits = linear(x, self.weight)  # model dtype: the sampler upcasts only rows that need it
         return parallel.all_gather_last_dim(logits)[:, :self.vocab_size]

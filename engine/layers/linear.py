@@ -8,6 +8,19 @@ from torch import nn
 from .. import parallel
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`F.linear` whose rows do not depend on how many rows share the call.
+
+    On CPUs a one-row product goes to a GEMV that splits the reduction differently from the GEMM that
+    two rows or more take, so in bf16 a decode running alone gets logits a few last bits away from the
+    same decode beside others, and a seeded sample can flip. Two rows always take the GEMM, so a lone
+    row is computed as two. (GPU libraries pick kernels by shape too; their kernels answer for that.)
+    """
+    if x.shape[0] == 1 and x.device.type == "cpu":
+        return F.linear(x.expand(2, -1).contiguous(), weight)[:1]
+    return F.linear(x, weight)
+
+
 class LinearBase(nn.Module):
     def __init__(self, in_features: int, out_features: int, tp_dim: int | None) -> None:
         super().__init__()
@@ -24,7 +37,7 @@ class ReplicatedLinear(LinearBase):
         super().__init__(in_features, out_features, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -40,7 +53,7 @@ class ColumnParallelLinear(LinearBase):
         param.data.copy_(loaded.narrow(0, self.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -86,4 +99,4 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(loaded.narrow(1, self.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return parallel.all_reduce(F.linear(x, self.weight))
+        return parallel.all_reduce(linear(x, self.weight))

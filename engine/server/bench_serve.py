@@ -13,11 +13,12 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from ..workload import BenchRequest, load_workload
+
+if TYPE_CHECKING:
+    import httpx
 
 
 @dataclass
@@ -46,6 +47,8 @@ def add_bench_serve_args(kinds: argparse._SubParsersAction) -> None:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    import httpx  # here, not at the top: `orca --help` should not need the HTTP client
+
     reqs = load_workload(args.workload)[: args.num_requests]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -64,6 +67,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _one(client: httpx.AsyncClient, model: str, req: BenchRequest) -> Sample:
+    import httpx
+
     body = {"model": model, "prompt": req.prompt_token_ids, "max_tokens": req.max_tokens, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     s, start = Sample(), time.perf_counter()

@@ -1,25 +1,16 @@
-"""`orca serve`: build the engine, then run the app under uvicorn with a graceful drain.
+"""`orca serve`: build the engine, then run the app under uvicorn with a graceful drain (see `drain`).
 
-SIGTERM (what Kubernetes sends) does not stop the server at once: readiness turns false so
-traffic moves elsewhere, new API requests get 503, and requests in flight run to completion for
-up to --drain-timeout seconds; then the server exits 0. A second signal exits immediately.
+The flags are defined here without importing the server's dependencies; `cmd_serve` imports them
+when the server actually starts.
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
-import time
 
-import uvicorn
-
-from ..cli import add_engine_args, engine_config
-from ..async_engine import AsyncLLMEngine
-from ..llm_engine import LLMEngine
-from .app import ServerState, build_app
-from .metrics import Metrics
+from ..arg_utils import add_engine_args, engine_config
 
 log = logging.getLogger("orca.serve")
 
@@ -39,38 +30,15 @@ def add_serve_args(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-class _DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float) -> None:
-        super().__init__(config)
-        self.state, self.drain_timeout = state, drain_timeout
-
-    def handle_exit(self, sig: int, frame: object) -> None:
-        if self.state.draining:  # second signal: stop now
-            super().handle_exit(sig, frame)
-            return
-        log.info("signal %s: draining (up to %.0fs)", sig, self.drain_timeout)
-        self.state.draining = True
-
-    async def main_loop(self) -> None:
-        # uvicorn's loop ticks until should_exit; run the drain watcher beside it.
-        watcher = asyncio.create_task(self._drain_when_asked())
-        try:
-            await super().main_loop()
-        finally:
-            watcher.cancel()
-
-    async def _drain_when_asked(self) -> None:
-        while not self.state.draining:
-            await asyncio.sleep(0.05)
-        deadline = time.monotonic() + self.drain_timeout
-        while (self.state.inflight or self.state.engine.num_streams) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if self.state.inflight:
-            log.warning("drain timeout: cutting %d request(s) still in flight", self.state.inflight)
-        self.should_exit = True
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..async_engine import AsyncLLMEngine
+    from ..llm_engine import LLMEngine
+    from .app import ServerState, build_app
+    from .drain import DrainingServer
+    from .metrics import Metrics
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = LLMEngine(engine_config(args))
     name = args.served_model_name or engine.model_name
@@ -81,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # bytes of finished responses out, so the exit comes soon after --drain-timeout.
     config = uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=1)
-    server = _DrainingServer(config, state, args.drain_timeout)
+    server = DrainingServer(config, state, args.drain_timeout)
     log.info("serving %s on http://%s:%d", name, args.host, args.port)
     server.run()
     return 0

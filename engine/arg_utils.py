@@ -1,0 +1,34 @@
+"""Engine flags shared by every subcommand that builds an engine, named after vLLM's.
+
+Torch-free: the CLI builds its whole parser from this, so `orca --help` starts at once.
+"""
+from __future__ import annotations
+
+import argparse
+
+from .config import EngineConfig
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    d = EngineConfig()
+    p.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: bundled SmolLM2-135M)")
+    p.add_argument("--dtype", default=d.dtype, help="auto | bfloat16 | float32 | float16")
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--kv-cache-memory", default=d.kv_cache_memory, help="bytes (4GiB) or fraction of free memory (0.3)")
+    p.add_argument("--block-size", type=int, default=d.block_size)
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--preemption", choices=["reserve", "recompute"], default=d.preemption)
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="every request's output independent of what shares its batch (requests with a seed "
+                        "always are); prompts attend row by row, which costs prefill speed")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
+                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                        kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
+                        enable_prefix_caching=args.enable_prefix_caching, preemption=args.preemption,
+                        batch_invariant=args.batch_invariant)
