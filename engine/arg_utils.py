@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import argparse
 
-from .config import EngineConfig
+from .config import LOAD_FORMATS, EngineConfig
+
+MODEL_HELP = ("GGUF file or Hugging Face directory (default: bundled SmolLM2-135M); with --load-format dummy, "
+              "a config.json, its directory, or a bundled shape: smollm2-135m, llama-1b")
+LOAD_FORMAT_HELP = "auto: weights from the model file; dummy: seeded random weights, only config.json needed"
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     d = EngineConfig()
-    p.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: bundled SmolLM2-135M)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--load-format", choices=LOAD_FORMATS, default=d.load_format, help=LOAD_FORMAT_HELP)
     p.add_argument("--dtype", default=d.dtype, help="auto | bfloat16 | float32 | float16")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
@@ -24,11 +29,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-invariant", action="store_true",
                    help="every request's output independent of what shares its batch (requests with a seed "
                         "always are); prompts attend row by row, which costs prefill speed")
+    p.add_argument("--enforce-eager", action="store_true", help="on CUDA, run decode steps without CUDA graphs")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
-                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                        kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
-                        enable_prefix_caching=args.enable_prefix_caching, preemption=args.preemption,
-                        batch_invariant=args.batch_invariant)
+    return EngineConfig(model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
+                        max_batch_size=args.max_batch_size, max_num_batched_tokens=args.max_num_batched_tokens,
+                        max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
+                        block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
+                        preemption=args.preemption, batch_invariant=args.batch_invariant, enforce_eager=args.enforce_eager)

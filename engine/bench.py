@@ -13,7 +13,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from orca.engine.arg_utils import LOAD_FORMAT_HELP, MODEL_HELP
 from orca.engine.bundled_model import bundled_model_path
+from orca.engine.config import LOAD_FORMATS
 from orca.engine.workload import BenchRequest, load_workload
 
 WARMUP_PROMPT = list(range(100, 116))
@@ -47,8 +49,7 @@ def add_bench_args(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks")
     kinds = bench.add_subparsers(dest="bench_kind", required=True)
     p = kinds.add_parser("throughput", help="offline throughput vs a static-batching HF baseline")
-    p.add_argument("--model", default=None, help="GGUF file or HF directory (default: bundled SmolLM2-135M)")
-    p.add_argument("--dtype", default="bfloat16")
+    _add_model_args(p)
     p.add_argument("--workload", default=None, help="workload JSON (default: regenerate it from its seed)")
     p.add_argument("--num-requests", type=int, default=None, help="serve only this prefix of the workload")
     p.add_argument("--baseline", choices=["hf", "none"], default="hf")
@@ -64,8 +65,7 @@ def add_bench_args(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-invariant", action="store_true", help="time the engine in batch-invariant mode")
     p.set_defaults(func=_cmd_throughput)
     p = kinds.add_parser("step", help="engine step time vs a bare forward of the same batch (overhead %%)")
-    p.add_argument("--model", default=None)
-    p.add_argument("--dtype", default="bfloat16")
+    _add_model_args(p)
     p.add_argument("--batch-sizes", default="16,64,256", help="comma-separated decode batch sizes")
     p.add_argument("--steps", type=int, default=10, help="timed steps per batch size")
     p.add_argument("--kv-cache-memory", default="0.5")
@@ -74,6 +74,14 @@ def add_bench_args(subparsers: argparse._SubParsersAction) -> None:
     from orca.engine.server.bench_serve import add_bench_serve_args
 
     add_bench_serve_args(kinds)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """What both benchmarks need to build the engine; bfloat16 by default, as served on a GPU."""
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--load-format", choices=LOAD_FORMATS, default="auto", help=LOAD_FORMAT_HELP)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (the baseline runs on the engine's)")
 
 
 def _cmd_throughput(args: argparse.Namespace) -> int:
@@ -100,7 +108,8 @@ def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     from orca.engine import EngineConfig, LLMEngine, SamplingParams
 
-    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
+    engine = LLMEngine(EngineConfig(model=args.model, load_format=args.load_format, dtype=args.dtype,
+                                    device=args.device, kv_cache_memory=args.kv_cache_memory,
                                     enable_prefix_caching=False))
     runner, captured = engine.runner, {}
     prepare = runner.prepare
@@ -110,7 +119,7 @@ def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
         return captured["inputs"]
 
     runner.prepare = capture
-    reqs = load_workload(None)
+    reqs = fit_to_vocabulary(load_workload(None), engine.model_config.vocab_size)
     rows = []
     print(f"{'batch':>6} {'step ms':>9} {'forward ms':>10} {'overhead %':>10}")
     for size in [int(b) for b in args.batch_sizes.split(",")]:
@@ -125,9 +134,11 @@ def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             engine.step()
             t1 = time.perf_counter()
-            _, ids, positions, logit_rows, meta = captured["inputs"]
+            inputs = captured["inputs"]
             with torch.inference_mode():
-                runner.model.compute_logits(runner.forward(ids, positions, meta)[logit_rows])
+                runner.model.compute_logits(runner.execute(inputs)[inputs.logit_rows.to(runner.device)])
+            if runner.device.type == "cuda":  # the step syncs when its tokens come back; the bare replay must too
+                torch.cuda.synchronize()
             fwd_s.append(time.perf_counter() - t1)
             step_s.append(t1 - t0)
         for rid in list(engine.requests):
@@ -136,7 +147,7 @@ def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
         row = {"batch_size": size, "step_ms": step * 1e3, "forward_ms": fwd * 1e3, "overhead_pct": (step - fwd) / fwd * 100}
         rows.append(row)
         print(f"{size:>6} {row['step_ms']:>9.2f} {row['forward_ms']:>10.2f} {row['overhead_pct']:>10.1f}")
-    result = {"model": args.model or bundled_model_path(), "dtype": args.dtype, "rows": rows}
+    result = {**_model_fields(args, str(engine.device)), "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -145,15 +156,18 @@ def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     """Time the engine on the workload (and its baseline prefix), the baseline, print and return it all."""
-    reqs = load_workload(args.workload)[: args.num_requests]
-    prefix = reqs[: args.baseline_requests]
     llm = _build_llm(args)
+    # The engine's resolved device and dtype, for the baseline and the report ("auto" means nothing to either).
+    device, dtype = str(llm.engine.device), str(llm.engine.dtype).removeprefix("torch.")
+    reqs = fit_to_vocabulary(load_workload(args.workload)[: args.num_requests], llm.engine.model_config.vocab_size)
+    prefix = reqs[: args.baseline_requests]
     runs = [time_engine(llm, reqs, f"engine ({len(reqs)} requests)")]
     if args.baseline == "hf":
         runs.append(time_engine(llm, prefix, f"engine (first {len(prefix)})"))
         del llm  # the baseline should not compete with the engine's KV cache for memory
-        runs.append(run_hf_baseline(prefix, args.model, args.baseline_dtype or args.dtype, args.baseline_batch_size))
-    result = _summarize(args, runs)
+        runs.append(run_hf_baseline(prefix, args.model, args.baseline_dtype or dtype, args.baseline_batch_size,
+                                    args.load_format, device))
+    result = _summarize(args, runs, device)
     print_report(result)
     if args.json:
         with open(args.json, "w") as f:
@@ -167,7 +181,9 @@ def _build_llm(args: argparse.Namespace) -> Any:
 
     llm = LLM(
         model=args.model,
+        load_format=args.load_format,
         dtype=args.dtype,
+        device=args.device,
         max_batch_size=args.max_batch_size,
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory=args.kv_cache_memory,
@@ -178,6 +194,16 @@ def _build_llm(args: argparse.Namespace) -> Any:
     )
     _engine_generate(llm, [BenchRequest(WARMUP_PROMPT, WARMUP_MAX_TOKENS)] * 2)
     return llm
+
+
+def fit_to_vocabulary(reqs: list[BenchRequest], vocab_size: int) -> list[BenchRequest]:
+    """Fold the workload's token ids into a smaller vocabulary (a tiny dummy config), keeping every length.
+
+    The workload's ids span SmolLM2's 49152; a model with at least that many gets the requests unchanged.
+    """
+    if all(t < vocab_size for r in reqs for t in r.prompt_token_ids):
+        return reqs
+    return [BenchRequest([t % vocab_size for t in r.prompt_token_ids], r.max_tokens) for r in reqs]
 
 
 def time_engine(llm: Any, reqs: list[BenchRequest], name: str) -> RunResult:
@@ -200,7 +226,8 @@ def _engine_generate(llm: Any, reqs: list[BenchRequest]) -> list[Any]:
 
 
 def run_hf_baseline(
-    reqs: list[BenchRequest], model: str | None, dtype: str, batch_size: int = 16
+    reqs: list[BenchRequest], model: str | None, dtype: str, batch_size: int = 16, load_format: str = "auto",
+    device: str = "cpu",
 ) -> RunResult:
     """Static request-level batching with transformers: each FCFS batch runs to its longest request.
 
@@ -209,7 +236,7 @@ def run_hf_baseline(
     """
     from orca.engine.hf_reference import load_hf_model
 
-    hf = load_hf_model(model, dtype)
+    hf = load_hf_model(model, dtype, load_format, device)
     pad_id = _pad_token_id(hf)
     _hf_generate(hf, [BenchRequest(WARMUP_PROMPT, WARMUP_MAX_TOKENS)] * 2, pad_id)
     start = time.perf_counter()
@@ -231,7 +258,7 @@ def _hf_generate(hf: Any, batch: list[BenchRequest], pad_id: int) -> None:
     """Generate one left-padded batch greedily for exactly as many steps as its longest request."""
     import torch
 
-    input_ids, attention_mask = _left_pad([r.prompt_token_ids for r in batch], pad_id)
+    input_ids, attention_mask = (t.to(hf.device) for t in _left_pad([r.prompt_token_ids for r in batch], pad_id))
     steps = max(r.max_tokens for r in batch)
     with torch.inference_mode():
         out = hf.generate(
@@ -269,21 +296,28 @@ def _result(name: str, reqs: list[BenchRequest], seconds: float) -> RunResult:
     )
 
 
-def _summarize(args: argparse.Namespace, runs: list[RunResult]) -> dict[str, Any]:
+def _summarize(args: argparse.Namespace, runs: list[RunResult], device: str) -> dict[str, Any]:
     """Collect every number (runs and the same-run ratio) into one JSON-serializable dict.
 
     Only ratios against a baseline timed in this run are printed: absolute speeds drift between days
     and machines, so a ratio against a figure from elsewhere says nothing. `orca bench serve --url`
     compares against a peer server.
     """
-    result: dict[str, Any] = {
-        "model": args.model or bundled_model_path(),
-        "dtype": args.dtype,
-        "runs": [r.as_dict() for r in runs],
-    }
+    result: dict[str, Any] = {**_model_fields(args, device), "runs": [r.as_dict() for r in runs]}
     if len(runs) == 3:
         result["ratio_engine_over_baseline"] = runs[1].total_tok_s / runs[2].total_tok_s
     return result
+
+
+def _model_fields(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """What ran, for the JSON; a dummy model is named by its config, since no weight file exists."""
+    if args.load_format == "dummy":
+        from orca.engine.loaders.dummy import config_file
+
+        model = config_file(args.model)
+    else:
+        model = args.model or bundled_model_path()
+    return {"model": model, "load_format": args.load_format, "dtype": args.dtype, "device": device}
 
 
 def print_report(result: dict[str, Any]) -> None:

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# auto: weights from the model file; dummy: random weights for a config.json alone (vLLM's name), so a
+# benchmark of any shape runs where no weight file can be copied.
+LOAD_FORMATS = ("auto", "dummy")
+
 
 @dataclass
 class ModelConfig:
@@ -26,6 +30,7 @@ class ModelConfig:
 @dataclass
 class EngineConfig:
     model: str | None = None  # None: the bundled SmolLM2-135M-Instruct GGUF
+    load_format: str = "auto"  # one of LOAD_FORMATS
     dtype: str = "auto"  # auto: bfloat16 where the device has fast bf16, else float32
     device: str = "auto"
     max_batch_size: int = 256
@@ -38,4 +43,5 @@ class EngineConfig:
     # Every request's tokens independent of what shares its batch, how its prompt is chunked and what
     # the prefix cache holds; requests with a seed get this anyway. Costs prefill speed.
     batch_invariant: bool = False
+    enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps (vLLM's flag)
     seed: int = 0

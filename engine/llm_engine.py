@@ -2,84 +2,31 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
-
-import torch
 
 from .block_manager import BlockManager
 from .bundled_model import BUNDLED_MODEL_NAME
 from .config import EngineConfig, ModelConfig
-from .layers.attention import select_backend
 from .loaders import load_model
 from .model_runner import ModelRunner
-from .models.llama import LlamaForCausalLM
 from .output_processor import OutputProcessor, RequestOutput, TokenUpdate
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import SamplingParams, Sequence
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        dtype = getattr(torch, name, None)
-        if not isinstance(dtype, torch.dtype) or dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype={name!r} must be one of auto, float32, bfloat16, float16")
-        return dtype
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        flags = ""
-    return torch.bfloat16 if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else torch.float32
-
-
-def parse_memory(value: str | float, free_bytes: int) -> int:
-    """`0.3` is 30% of free memory; `2GiB`, `512MB` or `1000000` are absolute sizes in bytes."""
-    text = str(value).strip()
-    m = re.fullmatch(r"([0-9.]+)\s*([KMGT]i?B?)?", text, re.IGNORECASE)
-    if not m:
-        raise ValueError(f"kv_cache_memory={value!r} must be bytes (e.g. 2GiB) or a fraction of free memory (e.g. 0.3)")
-    number, unit = float(m.group(1)), (m.group(2) or "").upper().rstrip("B")
-    if not unit and number <= 1:
-        return int(number * free_bytes)
-    scale = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
-    return int(number * scale)
-
-
-def free_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    with open("/proc/meminfo") as f:
-        info = dict(line.split(":", 1) for line in f)
-    return int(info["MemAvailable"].split()[0]) * 1024
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = torch.device(device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
-        torch.manual_seed(config.seed)
-        loaded = load_model(config.model)
+        loaded = load_model(config.model, config.load_format)
         self.model_config: ModelConfig = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_name = config.model or BUNDLED_MODEL_NAME
         self.max_model_len = min(config.max_model_len or loaded.config.max_position, loaded.config.max_position)
-        with torch.device(self.device):
-            model = LlamaForCausalLM(loaded.config, select_backend(self.device)).to(self.dtype)
-        model.load_weights(loaded.weights())
-        model.eval()
-        per_block = ModelRunner.kv_bytes_per_block(loaded.config, config.block_size, self.dtype)
-        num_blocks = parse_memory(config.kv_cache_memory, free_memory(self.device)) // per_block
-        if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory={config.kv_cache_memory!r} is smaller than one KV block ({per_block} bytes)")
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.runner = ModelRunner(config, loaded)
+        self.device, self.dtype = self.runner.device, self.runner.dtype
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_num_batched_tokens,
                                                    self.max_model_len, config.preemption), self.block_manager)
-        self.runner = ModelRunner(model, loaded.config, num_blocks, config.block_size, self.dtype, self.device,
-                                  config.batch_invariant)
         self.requests: dict[str, Sequence] = {}
         self.processor = OutputProcessor(self.tokenizer)  # text for step(); AsyncLLMEngine keeps its own
         self.last_iteration_tokens = 0

@@ -1,16 +1,34 @@
-"""Turns a scheduled batch into one flattened forward pass over the paged KV cache, then samples."""
+"""Everything that touches the device: the model in its dtype, the KV cache, each step's inputs, the forward
+pass and sampling. The scheduler decides what runs; this executes it, the same way on every rank."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 
-from .config import ModelConfig
-from .layers.attention import AttentionMetadata, PrefillSeq, set_context
+from .attention.metadata import AttentionMetadata, ForwardContext, set_forward_context
+from .attention.selector import select_backend
+from .config import EngineConfig, ModelConfig
+from .device import free_memory, parse_memory, resolve_device, resolve_dtype
+from .loaders import LoadedModel
 from .models.llama import LlamaForCausalLM
 from .sampler import Sampler
+from .static_decode import StaticDecodeRunner
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
+
+
+@dataclass
+class StepInputs:
+    """One step's inputs on the host, built by `prepare`; `execute` moves them to the device and runs them."""
+
+    order: list[int]  # batch indices in row order
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    logit_rows: torch.Tensor  # rows whose logits are sampled
+    metadata: AttentionMetadata
 
 
 def keep_freed_memory() -> None:
@@ -30,24 +48,56 @@ def keep_freed_memory() -> None:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, cfg: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device, batch_invariant: bool = False) -> None:
-        self.model, self.cfg, self.block_size, self.device = model, cfg, block_size, device
-        self.batch_invariant = batch_invariant
-        attn_layers = [layer.self_attn.attn for layer in model.model.layers]
-        self.kv_heads, self.head_dim = attn_layers[0].num_kv_heads, attn_layers[0].head_dim
-        shape = (num_blocks * block_size, self.kv_heads, self.head_dim)
-        for attn in attn_layers:
-            attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-            attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.sampler = Sampler()
-        if device.type == "cpu":
+    def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.cfg: ModelConfig = loaded.config
+        self.block_size, self.batch_invariant = config.block_size, config.batch_invariant
+        torch.manual_seed(config.seed)
+        if self.device.type == "cpu":
             keep_freed_memory()
+        with torch.device(self.device):
+            self.model = LlamaForCausalLM(loaded.config).to(self.dtype)
+        self.model.load_weights(loaded.weights())
+        self.model.eval()
+        self.attention_layers = [layer.self_attn.attn for layer in self.model.model.layers]
+        attn = self.attention_layers[0]
+        self.attn_backend = select_backend(self.device, attn.num_heads, attn.num_kv_heads, attn.head_dim, self.dtype)
+        self.num_blocks = self.determine_num_blocks(config.kv_cache_memory)
+        self.allocate_kv_cache()
+        self.sampler = Sampler()
+        self.max_model_len = min(config.max_model_len or loaded.config.max_position, loaded.config.max_position)
+        self.max_batch_size = config.max_batch_size
+        self.static_decode: StaticDecodeRunner | None = None
+        if self.device.type == "cuda" and not config.enforce_eager and self.attn_backend.supports_cuda_graphs:
+            self.enable_static_decode(capture=True)
 
-    @staticmethod
-    def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, tp: int = 1) -> int:
-        return 2 * cfg.num_layers * block_size * (cfg.num_kv_heads // tp) * cfg.head_dim * dtype.itemsize
+    def enable_static_decode(self, capture: bool) -> None:
+        """Run decode-only steps on persistent buffers padded to bucket sizes; with `capture`, as CUDA graphs.
 
+        Without capture the same path runs eagerly, which is how it is tested on machines without CUDA.
+        """
+        self.static_decode = StaticDecodeRunner(self, capture)
+
+    # ---- KV cache -------------------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        attn = self.attention_layers[0]
+        return 2 * len(self.attention_layers) * self.block_size * attn.num_kv_heads * attn.head_dim * self.dtype.itemsize
+
+    def determine_num_blocks(self, kv_cache_memory: str | float) -> int:
+        per_block = self.kv_bytes_per_block()
+        num_blocks = parse_memory(kv_cache_memory, free_memory(self.device)) // per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory={kv_cache_memory!r} is smaller than one KV block ({per_block} bytes)")
+        return num_blocks
+
+    def allocate_kv_cache(self) -> None:
+        for attn in self.attention_layers:
+            shape = (self.num_blocks * self.block_size, attn.num_kv_heads, attn.head_dim)
+            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    # ---- one step -------------------------------------------------------------------------------
     def attends_per_row(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Whether every new token of `seq` attends as a single-query row (the decode path).
 
@@ -59,10 +109,10 @@ class ModelRunner:
         """
         return num_new_tokens == 1 or self.batch_invariant or seq.params.seed is not None
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Order rows (single-query rows first, then prefill chunks) and build every index of the step.
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        """Order rows (single-query rows first, then prompt chunks) and build every index of the step, on the host.
 
-        Returns (row order as batch indices, input_ids, positions, rows whose logits are sampled, metadata).
+        A per-row prompt chunk becomes one attention request per token, each over its own prefix.
         """
         seqs, counts = batch.seqs, batch.num_new_tokens
         per_row = [self.attends_per_row(s, n) for s, n in zip(seqs, counts)]
@@ -74,53 +124,61 @@ class ModelRunner:
         ids: list[int] = []
         for s, st, n in zip(seqs, starts_l, counts_l):
             ids.extend(s.token_ids[st:st + n])
-        bs, kvh = self.block_size, self.kv_heads
+        bs = self.block_size
         counts_t, starts_t = torch.tensor(counts_l), torch.tensor(starts_l)
         width = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
         offsets = counts_t.cumsum(0) - counts_t
         num_tokens = len(ids)
         row = torch.repeat_interleave(torch.arange(len(seqs)), counts_t, output_size=num_tokens)
         positions = torch.arange(num_tokens) - torch.repeat_interleave(offsets - starts_t, counts_t, output_size=num_tokens)
-        slot_mapping = tables[row, positions // bs] * bs + positions % bs
-        heads = torch.arange(kvh)
+        slot_mapping = tables[row, positions // bs].long() * bs + positions % bs
         num_decodes = int(counts_t[:num_per_row_seqs].sum())
-        meta = AttentionMetadata(slot_mapping=slot_mapping.to(self.device), block_size=bs, num_decodes=num_decodes)
-        if num_decodes:
-            meta.block_tables = tables[row[:num_decodes]].to(torch.int32).to(self.device)
-            meta.context_lens = (positions[:num_decodes] + 1).to(torch.int32).to(self.device)
-        for r in range(num_per_row_seqs, len(seqs)):
-            start, n = int(offsets[r]), counts_l[r]
-            p = PrefillSeq(start, start + n)
-            if starts_l[r] > 0:
-                length = starts_l[r] + n
-                pos = torch.arange(length)
-                s = tables[r][pos // bs] * bs + pos % bs
-                p.gather_index = (s.unsqueeze(1) * kvh + heads).flatten().to(self.device)
-                q_pos = torch.arange(starts_l[r], length).unsqueeze(1)
-                p.mask = (torch.arange(length).unsqueeze(0) <= q_pos).to(self.device)
-                meta.workspace_rows = max(meta.workspace_rows, p.gather_index.numel())
-            meta.prefills.append(p)
+        chunks = slice(num_per_row_seqs, None)
+        request_seq = torch.cat([row[:num_decodes], torch.arange(num_per_row_seqs, len(seqs))])
+        seq_lens = torch.cat([positions[:num_decodes] + 1, (starts_t + counts_t)[chunks]]).to(torch.int32)
+        query_lens = torch.cat([torch.ones(num_decodes, dtype=torch.long), counts_t[chunks]])
+        query_start_loc = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+        query_start_loc[1:] = query_lens.cumsum(0)
+        meta = AttentionMetadata(
+            query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=tables[request_seq],
+            slot_mapping=slot_mapping, num_decodes=num_decodes, num_actual_tokens=num_tokens, block_size=bs,
+            query_start_loc_cpu=query_start_loc, seq_lens_cpu=seq_lens, max_seq_len=int(seq_lens.max()))
         samples = (starts_t + counts_t) == torch.tensor([len(s) for s in seqs])
         logit_rows = (offsets + counts_t - 1)[samples]
-        return order, torch.tensor(ids, device=self.device), positions.to(self.device), logit_rows, meta
+        return StepInputs(order, torch.tensor(ids), positions, logit_rows, meta)
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    def execute(self, inputs: StepInputs) -> torch.Tensor:
+        """The forward pass of a prepared step: replayed on the static decode path when it fits, else eager."""
+        if self.static_decode is not None and self.static_decode.fits(inputs.metadata):
+            return self.static_decode.run(inputs.input_ids, inputs.positions, inputs.metadata)
+        meta = dataclasses.replace(
+            inputs.metadata, query_start_loc=self._to_device(inputs.metadata.query_start_loc),
+            seq_lens=self._to_device(inputs.metadata.seq_lens), block_tables=self._to_device(inputs.metadata.block_tables),
+            slot_mapping=self._to_device(inputs.metadata.slot_mapping))
+        return self.forward(self._to_device(inputs.input_ids), self._to_device(inputs.positions), meta)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        set_context(meta)
+        set_forward_context(ForwardContext(meta, self.attn_backend, self.attn_backend.build(meta)))
         try:
             return self.model(input_ids, positions)
         finally:
-            set_context(None)
+            set_forward_context(None)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> dict[int, tuple[int, dict[int, float] | None]]:
         """One iteration. Returns {batch index: (token, logprobs)} for the requests that sample a token."""
-        order, input_ids, positions, logit_rows, meta = self.prepare(batch)
-        hidden = self.forward(input_ids, positions, meta)
-        sampling = [i for i in order if batch.seqs[i].num_computed_tokens + batch.num_new_tokens[i] == len(batch.seqs[i])]
+        inputs = self.prepare(batch)
+        hidden = self.execute(inputs)
+        sampling = [i for i in inputs.order if batch.seqs[i].num_computed_tokens + batch.num_new_tokens[i] == len(batch.seqs[i])]
         if not sampling:
             return {}
-        logits = self.model.compute_logits(hidden[logit_rows.to(self.device)]).cpu()
+        logits = self.model.compute_logits(hidden[self._to_device(inputs.logit_rows)])
         tokens, logprobs = self.sampler(logits, [batch.seqs[i] for i in sampling])
         return {i: (t, lp) for i, t, lp in zip(sampling, tokens, logprobs)}

@@ -13,7 +13,6 @@ import os
 import sys
 from types import ModuleType
 
-import torch
 
 log = logging.getLogger(__name__)
 _SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", name)
@@ -23,15 +22,8 @@ _SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", name)
 _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 
 
-def kernels_for(x: torch.Tensor) -> ModuleType | None:
-    """The compiled kernels when `x` lives on the CPU and they built, else None (use torch ops)."""
-    return load() if x.device.type == "cpu" else None
-
-
 @functools.cache
 def load() -> ModuleType | None:
-    if os.environ.get("ORCA_KERNELS", "auto") == "torch":
-        return None
     # torch looks for `ninja` on PATH; the pip-installed one sits next to this interpreter.
     bin_dir = os.path.dirname(sys.executable)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):

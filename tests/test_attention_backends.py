@@ -1,54 +1,89 @@
-"""The C++ paged decode kernel and the torch gather+SDPA backend must agree with a per-request reference."""
+"""Every attention backend must agree with a per-request reference on one mixed batch of decodes and prompt
+chunks (with and without earlier context in the cache), built from the same neutral metadata."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from orca.engine.layers.attention import AttentionMetadata, CpuAttentionBackend, TorchAttentionBackend
+from orca.engine.attention.cpu_backend import CpuAttentionBackend
+from orca.engine.attention.metadata import AttentionMetadata
+from orca.engine.attention.torch_backend import TorchAttentionBackend
 from orca.kernels import cpu
 
 BS, HEADS, KV_HEADS, DIM = 16, 9, 3, 64
 
 
-def reference(q, k_cache, v_cache, tables, lens, scale):
-    outs = []
-    for i in range(q.shape[0]):
-        pos = torch.arange(int(lens[i]))
-        slots = tables[i].long()[pos // BS] * BS + pos % BS
+def reference(q, k_cache, v_cache, tables, query_start_loc, seq_lens, scale):
+    """Row i of request r sits at position seq_len - query_len + i and attends to positions up to it."""
+    out = torch.empty(q.shape, dtype=torch.float32)
+    for r in range(len(seq_lens)):
+        start, end, length = int(query_start_loc[r]), int(query_start_loc[r + 1]), int(seq_lens[r])
+        pos = torch.arange(length)
+        slots = tables[r].long()[pos // BS] * BS + pos % BS
         keys, vals = k_cache[slots].float().transpose(0, 1), v_cache[slots].float().transpose(0, 1)
-        qi = q[i].float().view(KV_HEADS, HEADS // KV_HEADS, DIM)
-        outs.append(F.scaled_dot_product_attention(qi, keys, vals, scale=scale).reshape(HEADS, DIM))
-    return torch.stack(outs)
+        qr = q[start:end].float().transpose(0, 1)  # [heads, rows, dim]
+        mask = pos.unsqueeze(0) <= torch.arange(length - (end - start), length).unsqueeze(1)
+        o = F.scaled_dot_product_attention(qr, keys, vals, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start:end] = o.transpose(0, 1)
+    return out
 
 
 def backends():
-    yield "torch", TorchAttentionBackend()
+    yield "torch", TorchAttentionBackend(KV_HEADS)
     kernels = cpu.load()
     if kernels is None:
         pytest.fail("the CPU kernel did not build (compiler and ninja are installed by `make`)")
-    yield "cpu", CpuAttentionBackend(kernels)
+    yield "cpu", CpuAttentionBackend(KV_HEADS, kernels)
+
+
+def mixed_batch(dtype: torch.dtype, num_decodes: int, chunks: list[tuple[int, int]], seed: int = 0):
+    """Decodes of random (unsorted) context lengths, then prompt chunks given as (query_len, earlier context)."""
+    g = torch.Generator().manual_seed(seed)
+    decode_lens = torch.randint(1, 300, (num_decodes,), generator=g).tolist()
+    query_lens = [1] * num_decodes + [n for n, _ in chunks]
+    seq_lens = torch.tensor(decode_lens + [n + earlier for n, earlier in chunks], dtype=torch.int32)
+    width = int((seq_lens.max() + BS - 1) // BS)
+    num_blocks = len(seq_lens) * width + 3
+    tables = torch.randperm(num_blocks, generator=g)[: len(seq_lens) * width].view(len(seq_lens), width).to(torch.int32)
+    k_cache = torch.randn(num_blocks * BS, KV_HEADS, DIM, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks * BS, KV_HEADS, DIM, generator=g).to(dtype)
+    query_start_loc = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+    query_start_loc[1:] = torch.tensor(query_lens).cumsum(0)
+    num_tokens = int(query_start_loc[-1])
+    q = torch.randn(num_tokens, HEADS, DIM, generator=g).to(dtype)
+    request = torch.repeat_interleave(torch.arange(len(query_lens)), torch.tensor(query_lens))
+    positions = torch.arange(num_tokens) - query_start_loc[request].long() + (seq_lens[request] - torch.tensor(query_lens)[request]).long()
+    slot_mapping = tables.long()[request, positions // BS] * BS + positions % BS
+    # the step's new K/V are what the cache holds at their slots, so the reference sees the same values
+    k_new, v_new = k_cache[slot_mapping].clone(), v_cache[slot_mapping].clone()
+    meta = AttentionMetadata(query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=tables,
+                             slot_mapping=slot_mapping, num_decodes=num_decodes, num_actual_tokens=num_tokens,
+                             block_size=BS, query_start_loc_cpu=query_start_loc, seq_lens_cpu=seq_lens,
+                             max_seq_len=int(seq_lens.max()))
+    expected = reference(q, k_cache, v_cache, tables, query_start_loc, seq_lens, DIM ** -0.5)
+    return q, k_new, v_new, k_cache, v_cache, meta, expected
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_decode_backends_match_reference(dtype, tol):
-    g = torch.Generator().manual_seed(0)
-    n = 37  # more than one torch decode group, odd sizes
-    lens = torch.sort(torch.randint(1, 300, (n,), generator=g)).values.to(torch.int32)
-    width = int((lens.max() + BS - 1) // BS)
-    num_blocks = n * width + 3
-    tables = torch.randperm(num_blocks, generator=g)[: n * width].view(n, width).to(torch.int32)
-    k_cache = torch.randn(num_blocks * BS, KV_HEADS, DIM, generator=g).to(dtype)
-    v_cache = torch.randn(num_blocks * BS, KV_HEADS, DIM, generator=g).to(dtype)
-    q = torch.randn(n, HEADS, DIM, generator=g).to(dtype)
-    # the step's new K/V are written to each request's last slot before attention reads it
-    last = lens.long() - 1
-    slot_mapping = tables.long()[torch.arange(n), last // BS] * BS + last % BS
-    k_new, v_new = k_cache[slot_mapping].clone(), v_cache[slot_mapping].clone()
-    expected = reference(q, k_cache, v_cache, tables, lens, DIM ** -0.5)
+def test_backends_match_reference_on_a_mixed_batch(dtype, tol):
+    # 37 decodes: more than one torch decode group; chunks without and with earlier context
+    q, k_new, v_new, k_cache, v_cache, meta, expected = mixed_batch(dtype, 37, [(20, 0), (7, 50), (33, 16)])
     for name, backend in backends():
-        meta = AttentionMetadata(slot_mapping=slot_mapping, block_size=BS, num_decodes=n,
-                                 block_tables=tables, context_lens=lens)
-        out = backend.forward(q, k_new, v_new, k_cache, v_cache, meta, DIM ** -0.5)
+        out = backend.forward(q, k_new, v_new, k_cache.clone(), v_cache.clone(), meta, backend.build(meta), DIM ** -0.5)
         err = (out.float() - expected).abs().max().item()
         assert err < tol, f"{name} backend differs from the reference by {err}"
+
+
+def test_padded_rows_store_nothing():
+    """Rows past num_actual_tokens (a batch padded to a captured size) must not touch the cache."""
+    q, k_new, v_new, k_cache, v_cache, meta, expected = mixed_batch(torch.float32, 5, [])
+    pad = 3
+    q = torch.cat([q, torch.zeros(pad, HEADS, DIM)])
+    k_new, v_new = torch.cat([k_new, torch.full((pad, KV_HEADS, DIM), 7.0)]), torch.cat([v_new, torch.zeros(pad, KV_HEADS, DIM)])
+    meta.slot_mapping = torch.cat([meta.slot_mapping, torch.full((pad,), -1)])
+    for name, backend in backends():
+        cache = k_cache.clone()
+        out = backend.forward(q, k_new, v_new, cache, v_cache.clone(), meta, backend.build(meta), DIM ** -0.5)
+        assert torch.equal(cache, k_cache), name
+        assert (out[:5] - expected).abs().max() < 1e-5, name

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from orca.kernels import cpu
+from orca.kernels import ops
 
 
 class RotaryEmbedding(nn.Module):
@@ -17,13 +17,4 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]; one gather of cos/sin for all heads."""
-        if (kernels := cpu.kernels_for(q)) is not None:
-            kernels.rotary_embedding(positions, q, k, self.cos_sin)
-            return q, k
-        cos, sin = self.cos_sin[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return ops.rotary_embedding(positions, q, k, self.cos_sin)

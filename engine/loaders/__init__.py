@@ -1,4 +1,4 @@
-"""Model loading: a GGUF file or a Hugging Face directory becomes config + HF-named weights + tokenizer."""
+"""Model loading: a GGUF file, a Hugging Face directory or (dummy) a config.json becomes config + HF-named weights + tokenizer."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..bundled_model import bundled_model_path
-from ..config import ModelConfig
+from ..config import LOAD_FORMATS, ModelConfig
 from ..tokenizer import Tokenizer
 
 WeightIterator = Iterator[tuple[str, torch.Tensor]]
@@ -28,10 +28,19 @@ class LoadedModel:
     tokenizer: Tokenizer
 
 
-def load_model(path: str | None = None) -> LoadedModel:
-    """Load a `.gguf` file or a Hugging Face model directory; `None` means the bundled default."""
-    path = path or bundled_model_path()
+def load_model(path: str | None = None, load_format: str = "auto") -> LoadedModel:
+    """Load a `.gguf` file or a Hugging Face model directory; `None` means the bundled default.
+
+    `load_format="dummy"` reads only a config.json (or a bundled shape's name) and makes random weights.
+    """
     # The loader modules are imported here because they import LoadedModel from this package.
+    if load_format == "dummy":
+        from .dummy import load_dummy
+
+        return load_dummy(path)
+    if load_format != "auto":
+        raise ValueError(f"load_format={load_format!r} must be one of {', '.join(LOAD_FORMATS)}")
+    path = path or bundled_model_path()
     if os.path.isdir(path):
         from .hf import load_hf
 

@@ -25,46 +25,20 @@ _IGNORED_WEIGHT = re.compile(r".*rotary_emb\.inv_freq")
 
 def load_hf(path: str) -> LoadedModel:
     cfg = _read_json(path, "config.json")
-    if cfg.get("model_type") != "llama":
-        raise NotImplementedError(f"{path}: model_type {cfg.get('model_type')!r} is not supported (only 'llama').")
-    # transformers >= 5 writes `rope_parameters`; older configs have `rope_theta` and `rope_scaling`.
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise NotImplementedError(f"{path}: RoPE scaling {rope_type!r} is not supported.")
-
     tok_cfg = _read_json(path, "tokenizer_config.json", required=False)
     eos_token = _token_content(tok_cfg.get("eos_token"))
     backend = _backend_tokenizer(path)
     generation = _read_json(path, "generation_config.json", required=False)
-    eos_ids = [*_ids(cfg.get("eos_token_id")), *_ids(generation.get("eos_token_id"))]
+    extra_eos_ids = _ids(generation.get("eos_token_id"))
     if eos_token is not None and backend.token_to_id(eos_token) is not None:
-        eos_ids.append(backend.token_to_id(eos_token))
-    eos_ids = list(dict.fromkeys(eos_ids))
-
-    num_heads = cfg["num_attention_heads"]
-    tie = cfg.get("tie_word_embeddings", True)
-    config = ModelConfig(
-        vocab_size=cfg["vocab_size"],
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
-        num_layers=cfg["num_hidden_layers"],
-        num_heads=num_heads,
-        num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
-        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
-        max_position=cfg.get("max_position_embeddings", 2048),
-        tie_word_embeddings=tie,
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=eos_ids,
-    )
+        extra_eos_ids.append(backend.token_to_id(eos_token))
+    config = parse_config(cfg, path, extra_eos_ids)
 
     tensor_files = _tensor_files(path)
     names = []
     for name in tensor_files:
         # A tied checkpoint may still store lm_head; the engine reuses the embedding instead.
-        if _IGNORED_WEIGHT.fullmatch(name) or (tie and name == "lm_head.weight"):
+        if _IGNORED_WEIGHT.fullmatch(name) or (config.tie_word_embeddings and name == "lm_head.weight"):
             continue
         if not _WEIGHT_NAME.fullmatch(name):
             raise ValueError(f"{path}: tensor {name!r} has no place in a Llama model; this variant is not supported.")
@@ -85,12 +59,42 @@ def load_hf(path: str) -> LoadedModel:
         backend,
         bos_token=_token_content(tok_cfg.get("bos_token")),
         eos_token=eos_token,
-        eos_token_ids=eos_ids,
+        eos_token_ids=config.eos_token_ids,
         chat_template=_chat_template(path, tok_cfg),
         add_bos_token=tok_cfg.get("add_bos_token"),
         add_eos_token=tok_cfg.get("add_eos_token"),
     )
     return LoadedModel(config, weights, len(names), tokenizer)
+
+
+def parse_config(cfg: dict[str, Any], path: str, extra_eos_token_ids: list[int] | None = None) -> ModelConfig:
+    """A config.json as a ModelConfig; shared with the dummy loader, which has the config but nothing else.
+
+    `extra_eos_token_ids` (from generation_config.json or the tokenizer) follow the config's own, duplicates dropped.
+    """
+    if cfg.get("model_type") != "llama":
+        raise NotImplementedError(f"{path}: model_type {cfg.get('model_type')!r} is not supported (only 'llama').")
+    # transformers >= 5 writes `rope_parameters`; older configs have `rope_theta` and `rope_scaling`.
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise NotImplementedError(f"{path}: RoPE scaling {rope_type!r} is not supported.")
+    num_heads = cfg["num_attention_heads"]
+    return ModelConfig(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+        max_position=cfg.get("max_position_embeddings", 2048),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", True),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=list(dict.fromkeys([*_ids(cfg.get("eos_token_id")), *(extra_eos_token_ids or [])])),
+    )
 
 
 def _read_json(path: str, name: str, required: bool = True) -> dict[str, Any]:
