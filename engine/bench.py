@@ -71,9 +71,11 @@ def add_bench_args(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-memory", default="0.5")
     p.add_argument("--json", default=None)
     p.set_defaults(func=_cmd_step)
+    from orca.engine.bench_attention import add_bench_attention_args
     from orca.engine.server.bench_serve import add_bench_serve_args
 
     add_bench_serve_args(kinds)
+    add_bench_attention_args(kinds)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

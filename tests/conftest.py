@@ -49,10 +49,11 @@ def hf_model(model_path: str):
 @torch.inference_mode()
 def hf_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
     """Plain greedy decoding with the reference's own KV cache, EOS ignored."""
-    out = model(torch.tensor([prompt_ids]), use_cache=True)
+    out = model(torch.tensor([prompt_ids], device=model.device), use_cache=True)
     tokens = [int(out.logits[0, -1].argmax())]
     for _ in range(n - 1):
-        out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+        out = model(torch.tensor([[tokens[-1]]], device=model.device), past_key_values=out.past_key_values,
+                    use_cache=True)
         tokens.append(int(out.logits[0, -1].argmax()))
     return tokens
 

@@ -17,3 +17,4 @@ for shape in llama-1b smollm2-135m; do
 done
 orca bench step --load-format dummy --model llama-1b --device cuda --dtype bfloat16 --batch-sizes 16,64,256 \
   --json "$out/step-llama-1b.json" 2>&1 | tee "$out/step-llama-1b.txt"
+orca bench attention --device cuda --dtype bfloat16 --json "$out/attention-llama-1b.json" 2>&1 | tee "$out/attention-llama-1b.txt"
