@@ -84,7 +84,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0
     finish_reason: str | None = None
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # a seeded request's noise, made by the sampler on its device
     first_scheduled_time: float | None = None  # left the waiting queue for the first time
     first_token_time: float | None = None
     prompt: str | None = None
@@ -92,8 +92,6 @@ class Sequence:
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
 
     def __len__(self) -> int:
         return len(self.token_ids)
