@@ -21,8 +21,8 @@ class LLMEngine:
         self.model_config: ModelConfig = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_name = config.model or BUNDLED_MODEL_NAME
-        self.max_model_len = min(config.max_model_len or loaded.config.max_position, loaded.config.max_position)
         self.runner = ModelRunner(config, loaded)
+        self.max_model_len = self.runner.max_model_len
         self.device, self.dtype = self.runner.device, self.runner.dtype
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_num_batched_tokens,
