@@ -33,8 +33,16 @@ class Applier:
             return "created"
         if is_subset({k: v for k, v in obj.items() if k not in ("apiVersion", "kind")}, live):
             return "unchanged"
-        self.dynamic.patch(obj)
+        self.dynamic.patch(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"], obj)
         return "patched"
+
+    def patch(self, api_version: str, kind: str, namespace: str, name: str, patch: Obj) -> None:
+        """A merge patch of an object the operator does not own (an engine pod's stage label); one
+        deleted meanwhile needs no patch."""
+        try:
+            self.dynamic.patch(api_version, kind, namespace, name, patch)
+        except NotFoundError:
+            pass
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         self.dynamic.delete(api_version, kind, namespace, name)
@@ -71,10 +79,9 @@ class _Dynamic:
     def create(self, obj: Obj) -> None:
         self.resource(obj["apiVersion"], obj["kind"]).create(body=obj, namespace=obj["metadata"]["namespace"])
 
-    def patch(self, obj: Obj) -> None:
-        meta = obj["metadata"]
-        self.resource(obj["apiVersion"], obj["kind"]).patch(body=obj, name=meta["name"], namespace=meta["namespace"],
-                                                            content_type="application/merge-patch+json")
+    def patch(self, api_version: str, kind: str, namespace: str, name: str, body: Obj) -> None:
+        self.resource(api_version, kind).patch(body=body, name=name, namespace=namespace,
+                                               content_type="application/merge-patch+json")
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         try:

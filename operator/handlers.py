@@ -1,5 +1,6 @@
 """kopf handlers: one reconcile for every event of an OrcaDeployment, plus a timer that repairs
-drift (a deleted or hand-edited child) and keeps the status in step with the children."""
+drift (a deleted or hand-edited child) and keeps the status in step with the children; and a
+pod watch that labels each engine pod with its pipeline stage, which the engine Service selects."""
 from __future__ import annotations
 
 import datetime
@@ -57,8 +58,29 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None
     for obj in render.children(od, pdb_api_version()):
         if ap.apply(obj) != "unchanged":
             logger.info("%s %s/%s", "applied", obj["kind"], obj["metadata"]["name"])
+    for pod in ap.list("v1", "Pod", od["metadata"]["namespace"], render.engine_selector(od["metadata"]["name"])):
+        _label_stage(ap, pod, logger)  # repairs a pod whose event the watch below missed
     groups = _prune_and_count(ap, od)
     _set_status(patch, old, generation, body, ready_groups=groups, error=None)
+
+
+@kopf.on.event("", "v1", "pods", labels=render.ENGINE_POD_LABELS)
+def label_engine_pod(event: kopf.RawEvent, body: kopf.Body, logger: Any, **_: Any) -> None:
+    if event["type"] != "DELETED":
+        _label_stage(applier(), {"metadata": dict(body["metadata"])}, logger)
+
+
+def _label_stage(ap: Applier, pod: render.Obj, logger: Any) -> None:
+    """Label one engine pod with its stage; a pod named without an ordinal is not a stage and is left be."""
+    meta = pod["metadata"]
+    try:
+        patch = render.stage_label_patch(pod)
+    except ValueError as e:
+        logger.warning("engine pod %s/%s: %s", meta["namespace"], meta["name"], e)
+        return
+    if patch is not None:
+        ap.patch("v1", "Pod", meta["namespace"], meta["name"], patch)
+        logger.info("labelled Pod/%s %s", meta["name"], patch["metadata"]["labels"])
 
 
 def _prune_and_count(ap: Applier, od: render.Obj) -> int:

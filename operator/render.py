@@ -5,12 +5,15 @@ Placement: each engine replica is a StatefulSet of `pipeline` pods (ordinal = pi
 each pod asking for `tensor` GPUs so tensor parallelism stays inside one node, with preferred
 anti-affinity spreading a replica's stages across nodes and a headless Service giving stages
 stable addresses (`<sts>-<stage>.<sts>`), which the distributed runtime uses to find stage 0.
+What an engine pod is told about its place is `orca.engine.distributed.contract`, shared with the workers.
 """
 from __future__ import annotations
 
 import copy
 import json
 from typing import Any
+
+from orca.engine.distributed import contract
 
 Obj = dict[str, Any]
 
@@ -53,6 +56,10 @@ def labels(name: str, component: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": "orca", "app.kubernetes.io/instance": name,
             "app.kubernetes.io/component": component, "app.kubernetes.io/managed-by": "orca-operator",
             "app.kubernetes.io/part-of": "orca"}
+
+
+# The labels every engine pod of every OrcaDeployment carries: what the operator's pod watch filters on.
+ENGINE_POD_LABELS = {"app.kubernetes.io/component": "engine", "app.kubernetes.io/managed-by": "orca-operator"}
 
 
 def engine_selector(name: str) -> str:
@@ -117,15 +124,11 @@ def statefulset(od: Obj, replica: int) -> Obj:
     pod_labels = {**labels(name, "engine"), "orca.dev/replica": str(replica)}
     container: Obj = {
         "name": "engine", "image": spec.get("image", DEFAULT_IMAGE), "args": engine_args(spec),
-        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
-        "env": [
-            {"name": "ORCA_TP", "value": str(tp)}, {"name": "ORCA_PP", "value": str(pp)},
-            {"name": "ORCA_POD_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}},
-            # the stage is the pod ordinal, the suffix of ORCA_POD_NAME
-            {"name": "ORCA_STAGE_FROM", "value": "ORCA_POD_NAME"},
-            {"name": "ORCA_MASTER_ADDR", "value": f"{group}-0.{group}.{ns}.svc"},
-            {"name": "ORCA_MASTER_PORT", "value": "29500"},
-        ],
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"},
+                  {"name": "master", "containerPort": contract.DEFAULT_MASTER_PORT, "protocol": "TCP"},
+                  *({"name": f"worker-{rank}", "containerPort": contract.DEFAULT_WORKER_PORT + rank, "protocol": "TCP"}
+                    for rank in range(tp))],
+        "env": contract.pod_env(tp, pp, group, ns),
         "readinessProbe": {"httpGet": {"path": "/ready", "port": PORT, "scheme": "HTTP"}, "periodSeconds": 5,
                            "failureThreshold": 3, "timeoutSeconds": 2, "successThreshold": 1},
         "livenessProbe": {"httpGet": {"path": "/health", "port": PORT, "scheme": "HTTP"}, "periodSeconds": 10,
@@ -164,10 +167,25 @@ def statefulset(od: Obj, replica: int) -> Obj:
 
 
 def engine_service(od: Obj) -> Obj:
+    """Only stage 0 runs the scheduler and serves HTTP; the other stages are workers it drives."""
     name = od["metadata"]["name"]
     return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(od, f"{name}-engine", "engine"),
-            "spec": {"selector": labels(name, "engine"),
+            "spec": {"selector": {**labels(name, "engine"), contract.STAGE_LABEL: "0"},
                      "ports": [{"name": "http", "port": PORT, "targetPort": PORT, "protocol": "TCP"}]}}
+
+
+def stage_label_patch(pod: Obj) -> Obj | None:
+    """The merge patch that labels an engine pod with its stage, or None when it already carries it.
+
+    A StatefulSet stamps the same template labels on every pod, and Kubernetes before 1.28 adds no
+    pod-index label, so the operator labels each pod for the engine Service to select stage 0.
+    Raises ValueError for a pod name without an ordinal.
+    """
+    meta = pod["metadata"]
+    stage = str(contract.stage_of_pod(meta["name"]))
+    if (meta.get("labels") or {}).get(contract.STAGE_LABEL) == stage:
+        return None
+    return {"metadata": {"labels": {contract.STAGE_LABEL: stage}}}
 
 
 def router_deployment(od: Obj) -> Obj:

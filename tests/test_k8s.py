@@ -24,6 +24,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 
 from k8s.cluster import OPERATOR_NAMESPACE, OPERATOR_SA, OPERATOR_TOKEN
+from orca.engine.distributed.contract import STAGE_LABEL
 
 helm = pytest.importorskip("helm_sdkpy", reason="installed by `make` (pip --ignore-requires-python helm-sdkpy)")
 
@@ -138,6 +139,8 @@ def test_operator_lifecycle(api, k8s, operator) -> None:
     # children with owner references
     sts = wait_for("two engine StatefulSets", lambda: len(statefulsets(api, "smol")) == 2 and statefulsets(api, "smol"))
     assert set(sts) == {"smol-r0", "smol-r1"}
+    # the status is written once a reconcile has applied every child, so the reads below do not race it
+    wait_for("the first status", lambda: od_status(api, "smol").get("conditions"))
     uid = objs.get_namespaced_custom_object(G, V, NS, P, "smol")["metadata"]["uid"]
     for s in sts.values():
         assert s.metadata.owner_references[0].uid == uid and s.spec.replicas == 2
@@ -148,8 +151,19 @@ def test_operator_lifecycle(api, k8s, operator) -> None:
                                                  .groups for v in g.versions] else "policy/v1beta1"
     pdbs = DynamicClient(api).resources.get(api_version=pdb_version, kind="PodDisruptionBudget")
     assert pdbs.get(name="smol-engine", namespace=NS).spec.maxUnavailable == 1
+    engine_pods = "app.kubernetes.io/instance=smol,app.kubernetes.io/component=engine"
     wait_for("pods created by the StatefulSet controller", lambda: len(core.list_namespaced_pod(
-        NS, label_selector="app.kubernetes.io/instance=smol,app.kubernetes.io/component=engine").items) == 4)
+        NS, label_selector=engine_pods).items) == 4)
+
+    # the operator labels every engine pod with its stage (its ordinal); the engine Service selects stage 0
+    def stages() -> dict[str, str | None]:
+        return {p.metadata.name: (p.metadata.labels or {}).get(STAGE_LABEL)
+                for p in core.list_namespaced_pod(NS, label_selector=engine_pods).items}
+
+    wait_for("every engine pod labelled with its stage", lambda: all(
+        stage == name.rsplit("-", 1)[1] for name, stage in stages().items()))
+    assert sorted(stages().items()) == [("smol-r0-0", "0"), ("smol-r0-1", "1"), ("smol-r1-0", "0"), ("smol-r1-1", "1")]
+    assert core.read_namespaced_service("smol-engine", NS).spec.selector[STAGE_LABEL] == "0"
     # status and conditions
     st = wait_for("status", lambda: od_status(api, "smol").get("conditions") and od_status(api, "smol"))
     assert st["replicas"] == 2 and st["readyReplicas"] == 0 and st["endpoint"] == "http://smol.default.svc:8000"
@@ -230,7 +244,9 @@ def test_operator_rbac_is_enough_and_no_more(api, release) -> None:
 
     assert can("create", "statefulsets", "apps") and can("patch", "orcadeployments", G, "status")
     assert can("create", "events") and can("delete", "services")
-    assert not can("get", "secrets") and not can("create", "pods") and not can("delete", "orcadeployments", G)
+    assert all(can(verb, "pods") for verb in ("get", "list", "watch", "patch"))  # to label engine pods' stage
+    assert not can("get", "secrets") and not can("create", "pods") and not can("delete", "pods")
+    assert not can("delete", "orcadeployments", G)
     assert not can("create", "clusterroles", "rbac.authorization.k8s.io")
 
 

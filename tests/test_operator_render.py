@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from orca.engine.distributed import contract
 from orca.operator import render
 from orca.operator.apply import is_subset
 
@@ -42,8 +43,12 @@ def test_statefulset_places_pipeline_stages_with_tensor_gpus() -> None:
     pod = sts["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert c["resources"] == {"limits": {"nvidia.com/gpu": "4"}}
+    assert c["env"] == contract.pod_env(4, 3, "m-r1", "ns")
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["ORCA_TP"] == "4" and env["ORCA_PP"] == "3" and env["ORCA_MASTER_ADDR"] == "m-r1-0.m-r1.ns.svc"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": render.PORT, "master": contract.DEFAULT_MASTER_PORT,
+                     **{f"worker-{t}": contract.DEFAULT_WORKER_PORT + t for t in range(4)}}
     assert c["readinessProbe"]["httpGet"]["path"] == "/ready" and c["livenessProbe"]["httpGet"]["path"] == "/health"
     assert pod["terminationGracePeriodSeconds"] > render.DRAIN_SECONDS + render.PRESTOP_SECONDS
     assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(render.PRESTOP_SECONDS)]
@@ -51,6 +56,44 @@ def test_statefulset_places_pipeline_stages_with_tensor_gpus() -> None:
     assert term["topologyKey"] == "kubernetes.io/hostname"
     assert term["labelSelector"]["matchLabels"]["orca.dev/replica"] == "1"
     assert sts["spec"]["selector"]["matchLabels"] == sts["spec"]["template"]["metadata"]["labels"]
+
+
+def test_api_key_is_appended_to_the_contract_env() -> None:
+    c = render.statefulset(od(apiKeySecretRef={"name": "keys"}), 0)["spec"]["template"]["spec"]["containers"][0]
+    assert c["env"][:-1] == contract.pod_env(1, 1, "m-r0", "ns")
+    assert c["env"][-1] == {"name": "ORCA_API_KEY", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "api-key"}}}
+
+
+def test_engine_service_routes_only_to_stage_0() -> None:
+    o = od(parallelism={"tensor": 1, "pipeline": 3})
+    selector = render.engine_service(o)["spec"]["selector"]
+    assert selector == {**render.labels("m", "engine"), contract.STAGE_LABEL: "0"}
+    template_labels = render.statefulset(o, 0)["spec"]["template"]["metadata"]["labels"]
+    assert contract.STAGE_LABEL not in template_labels  # every stage shares the template; the operator labels pods
+    assert render.ENGINE_POD_LABELS.items() <= template_labels.items()
+
+
+def pod(name: str, **labels: str) -> dict:
+    return {"metadata": {"name": name, "namespace": "ns", "labels": {"app.kubernetes.io/component": "engine", **labels}}}
+
+
+@pytest.mark.parametrize("labels,expected", [
+    ({}, {"metadata": {"labels": {contract.STAGE_LABEL: "2"}}}),
+    ({contract.STAGE_LABEL: "0"}, {"metadata": {"labels": {contract.STAGE_LABEL: "2"}}}),
+    ({contract.STAGE_LABEL: "2"}, None),
+])
+def test_stage_label_patch(labels: dict, expected: dict | None) -> None:
+    assert render.stage_label_patch(pod("m-r1-2", **labels)) == expected
+
+
+def test_stage_label_patch_of_a_pod_without_labels() -> None:
+    assert render.stage_label_patch({"metadata": {"name": "m-r0-0"}}) == {"metadata": {"labels": {
+        contract.STAGE_LABEL: "0"}}}
+
+
+def test_stage_label_patch_needs_an_ordinal() -> None:
+    with pytest.raises(ValueError, match="ORCA_POD_NAME"):
+        render.stage_label_patch(pod("m-r1-x"))
 
 
 def test_cpu_only_resources_are_taken_as_given() -> None:
