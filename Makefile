@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q -c constraints.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench venv clean
+.PHONY: run test bench venv clean proto
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,3 +33,11 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The gRPC modules are committed; this regenerates them after a change to the .proto.
+PROTO_DIR := engine/distributed
+proto:
+	test -x .proto-venv/bin/python || $(PYTHON) -m venv .proto-venv
+	.proto-venv/bin/pip install -q grpcio-tools==1.85.1
+	.proto-venv/bin/python -m grpc_tools.protoc -I$(PROTO_DIR) --python_out=$(PROTO_DIR) --grpc_python_out=$(PROTO_DIR) $(PROTO_DIR)/worker.proto
+	sed -i 's/^import worker_pb2 as worker__pb2$$/from . import worker_pb2 as worker__pb2/' $(PROTO_DIR)/worker_pb2_grpc.py

@@ -45,3 +45,17 @@ class EngineConfig:
     batch_invariant: bool = False
     enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps (vLLM's flag)
     seed: int = 0
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    # "uni": the model in this process; "mp": one worker process per rank, even for one rank (vLLM's name).
+    # None: "uni" for one rank, else "mp".
+    distributed_executor_backend: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size

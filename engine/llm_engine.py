@@ -2,34 +2,47 @@
 from __future__ import annotations
 
 import dataclasses
-import time
+from collections import deque
+from concurrent.futures import Future
 
 from .block_manager import BlockManager
 from .bundled_model import BUNDLED_MODEL_NAME
 from .config import EngineConfig, ModelConfig
+from .distributed.contract import WorkerEnvironment
+from .executor import make_executor
 from .loaders import load_model
-from .model_runner import ModelRunner
 from .output_processor import OutputProcessor, RequestOutput, TokenUpdate
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import SampledTokens, ScheduledBatch, Scheduler, SchedulerConfig
 from .sequence import SamplingParams, Sequence
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, environment: WorkerEnvironment | None = None) -> None:
+        """`environment`: this pod's distributed contract when other pipeline stages run in other pods."""
         self.config = config
         loaded = load_model(config.model, config.load_format)
         self.model_config: ModelConfig = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_name = config.model or BUNDLED_MODEL_NAME
-        self.runner = ModelRunner(config, loaded)
-        self.max_model_len = self.runner.max_model_len
-        self.device, self.dtype = self.runner.device, self.runner.dtype
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.executor = make_executor(config, loaded, environment)
+        self.max_model_len = self.executor.max_model_len
+        self.device, self.dtype = self.executor.device, self.executor.dtype
+        self.block_manager = BlockManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_num_batched_tokens,
-                                                   self.max_model_len, config.preemption), self.block_manager)
+                                                   self.max_model_len, config.preemption,
+                                                   tuple(self.model_config.eos_token_ids)), self.block_manager)
         self.requests: dict[str, Sequence] = {}
         self.processor = OutputProcessor(self.tokenizer)  # text for step(); AsyncLLMEngine keeps its own
+        self.in_flight: deque[tuple[ScheduledBatch, Future[SampledTokens]]] = deque()
         self.last_iteration_tokens = 0
+
+    @property
+    def runner(self):  # noqa: ANN201 - the in-process ModelRunner, for tests and benchmarks that reach into it
+        return self.executor.runner
+
+    def shutdown(self) -> None:
+        """Stop the workers (a no-op in process)."""
+        self.executor.shutdown()
 
     # ---- requests -------------------------------------------------------------------------------
     def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -86,34 +99,19 @@ class LLMEngine:
 
     # ---- the iteration --------------------------------------------------------------------------
     def step_tokens(self) -> list[TokenUpdate]:
-        """Run one iteration; return the token of every request that sampled one, finishing those that
-        hit EOS, a stop token, max_tokens or the context length."""
-        batch = self.scheduler.schedule()
-        if not batch:
+        """Fill the pipeline with batches, then take in the oldest one's output: the token of every
+        request that sampled one, finishing those that hit EOS, a stop token, max_tokens or the
+        context length. In one process this is one schedule, one forward pass and one update."""
+        while len(self.in_flight) < self.executor.max_concurrent_batches:
+            batch = self.scheduler.schedule()
+            if not batch:
+                break
+            self.last_iteration_tokens = batch.num_tokens
+            self.in_flight.append((batch, self.executor.execute_model(batch)))
+        if not self.in_flight:
             return []
-        self.last_iteration_tokens = batch.num_tokens
-        sampled = self.runner.run(batch)
-        now = time.monotonic()
-        updates = []
-        eos = self.model_config.eos_token_ids
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            seq.num_computed_tokens += n
-            self.block_manager.commit(seq)
-            if i not in sampled:
-                continue
-            token, logprobs = sampled[i]
-            seq.token_ids.append(token)
-            seq.first_token_time = seq.first_token_time or now
-            p, reason = seq.params, None
-            if (token in eos and not p.ignore_eos) or token in p.stop_token_ids:
-                reason = "stop"
-            elif seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
-                reason = "length"
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-            updates.append(TokenUpdate(seq.request_id, token, reason, logprobs, seq.num_cached_tokens))
-        self.scheduler.remove_finished()
-        return updates
+        batch, output = self.in_flight.popleft()
+        return self.scheduler.update_from_output(batch, output.result())
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration; return an output for every request that got a token or finished."""

@@ -12,8 +12,9 @@ from .attention.metadata import AttentionMetadata, ForwardContext, set_forward_c
 from .attention.selector import select_backend
 from .config import EngineConfig, ModelConfig
 from .device import free_memory, parse_memory, resolve_device, resolve_dtype
+from .distributed import parallel_state
 from .loaders import LoadedModel
-from .models.llama import LlamaForCausalLM
+from .models.llama import IntermediateTensors, LlamaForCausalLM
 from .sampler import Sampler
 from .static_decode import StaticDecodeRunner
 from .scheduler import ScheduledBatch
@@ -60,16 +61,25 @@ class ModelRunner:
             self.model = LlamaForCausalLM(loaded.config).to(self.dtype)
         self.model.load_weights(loaded.weights())
         self.model.eval()
-        self.attention_layers = [layer.self_attn.attn for layer in self.model.model.layers]
+        self.parallel = parallel_state.get()
+        self.attention_layers = [self.model.model.layers[i].self_attn.attn for i in self.model.model.stage_layers]
         attn = self.attention_layers[0]
         self.attn_backend = select_backend(self.device, attn.num_heads, attn.num_kv_heads, attn.head_dim, self.dtype)
         self.num_blocks = self.determine_num_blocks(config.kv_cache_memory)
-        self.allocate_kv_cache()
         self.sampler = Sampler()
         self.max_model_len = min(config.max_model_len or loaded.config.max_position, loaded.config.max_position)
         self.max_batch_size = config.max_batch_size
         self.static_decode: StaticDecodeRunner | None = None
-        if self.device.type == "cuda" and not config.enforce_eager and self.attn_backend.supports_cuda_graphs:
+        # CUDA graphs hold the collectives of one rank alone: distributed ranks run eagerly
+        single = self.parallel.tensor_parallel_size == self.parallel.pipeline_parallel_size == 1
+        self.capture_graphs = (self.device.type == "cuda" and not config.enforce_eager and single
+                               and self.attn_backend.supports_cuda_graphs)
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        """Allocate the KV cache (every rank of a replica the same number of blocks), then capture graphs."""
+        self.num_blocks = num_blocks
+        self.allocate_kv_cache()
+        if self.capture_graphs:
             self.enable_static_decode(capture=True)
 
     def enable_static_decode(self, capture: bool) -> None:
@@ -153,32 +163,44 @@ class ModelRunner:
             return host
         return host.pin_memory().to(self.device, non_blocking=True)
 
-    def execute(self, inputs: StepInputs) -> torch.Tensor:
+    def execute(self, inputs: StepInputs, intermediate: IntermediateTensors | None = None
+                ) -> torch.Tensor | IntermediateTensors:
         """The forward pass of a prepared step: replayed on the static decode path when it fits, else eager."""
-        if self.static_decode is not None and self.static_decode.fits(inputs.metadata):
+        if intermediate is None and self.static_decode is not None and self.static_decode.fits(inputs.metadata):
             return self.static_decode.run(inputs.input_ids, inputs.positions, inputs.metadata)
         meta = dataclasses.replace(
             inputs.metadata, query_start_loc=self._to_device(inputs.metadata.query_start_loc),
             seq_lens=self._to_device(inputs.metadata.seq_lens), block_tables=self._to_device(inputs.metadata.block_tables),
             slot_mapping=self._to_device(inputs.metadata.slot_mapping))
-        return self.forward(self._to_device(inputs.input_ids), self._to_device(inputs.positions), meta)
+        return self.forward(self._to_device(inputs.input_ids), self._to_device(inputs.positions), meta, intermediate)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                intermediate: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
         set_forward_context(ForwardContext(meta, self.attn_backend, self.attn_backend.build(meta)))
         try:
-            return self.model(input_ids, positions)
+            return self.model(input_ids, positions, intermediate)
         finally:
             set_forward_context(None)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> dict[int, tuple[int, dict[int, float] | None]]:
-        """One iteration. Returns {batch index: (token, logprobs)} for the requests that sample a token."""
+    def run(self, batch: ScheduledBatch, intermediate: IntermediateTensors | None = None
+            ) -> dict[int, tuple[int, dict[int, float] | None]] | IntermediateTensors:
+        """One iteration of this stage.
+
+        The last stage returns {batch index: (token, logprobs)} for the requests that sample a token
+        (sampled on tensor rank 0 only; the other ranks join the logits' all-gather and return {}).
+        Earlier stages return the activations for the next one; later stages take them as `intermediate`.
+        """
         inputs = self.prepare(batch)
-        hidden = self.execute(inputs)
+        hidden = self.execute(inputs, intermediate)
+        if not self.parallel.is_last_stage:
+            return hidden
         sampling = [i for i in inputs.order if batch.seqs[i].num_computed_tokens + batch.num_new_tokens[i] == len(batch.seqs[i])]
         if not sampling:
             return {}
         logits = self.model.compute_logits(hidden[self._to_device(inputs.logit_rows)])
+        if self.parallel.tensor_rank != 0:
+            return {}
         tokens, logprobs = self.sampler(logits, [batch.seqs[i] for i in sampling])
         return {i: (t, lp) for i, t, lp in zip(sampling, tokens, logprobs)}

@@ -6,7 +6,10 @@ import time
 from dataclasses import dataclass
 
 from .block_manager import BlockManager
+from .output_processor import TokenUpdate
 from .sequence import Sequence, SequenceStatus
+
+SampledTokens = dict[int, tuple[int, dict[int, float] | None]]  # batch index -> (token, logprobs)
 
 
 @dataclass
@@ -15,6 +18,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 4096
     max_model_len: int = 2048
     preemption: str = "reserve"  # "reserve" (Orca) or "recompute"
+    eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.preemption not in ("reserve", "recompute"):
@@ -46,11 +50,19 @@ def _order(seq: Sequence) -> tuple:
 
 
 class Scheduler:
+    """Decides each iteration's batch; `update_from_output` applies what the iteration produced.
+
+    With pipeline parallelism several batches are in flight at once (Orca's Algorithm 1): a request
+    in flight is in no other batch until its output is back, so every batch is made only of requests
+    whose previous token is known, and there is no micro-batching.
+    """
+
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
         self.config = config
         self.bm = block_manager
         self.waiting: list[Sequence] = []  # kept sorted by _order
         self.running: list[Sequence] = []
+        self.in_flight: set[Sequence] = set()  # scheduled, output not back yet
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -58,7 +70,8 @@ class Scheduler:
         bisect.insort(self.waiting, seq, key=_order)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Requests to schedule, or batches whose outputs must still be taken in."""
+        return bool(self.waiting or self.running or self.in_flight)
 
     def _target_tokens(self, seq: Sequence) -> int:
         """Tokens whose KV must have a slot before `seq` is admitted: all it may ever hold under reservation."""
@@ -75,7 +88,7 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:  # preempted below as a victim
+            if seq.status is not SequenceStatus.RUNNING or seq in self.in_flight:  # a victim below, or busy
                 continue
             n = min(len(seq) - seq.num_computed_tokens, budget)
             if self.config.preemption == "recompute" and not self._grow(seq, seq.num_computed_tokens + n):
@@ -97,12 +110,42 @@ class Scheduler:
             seqs.append(seq)
             counts.append(n)
             budget -= n
+        self.in_flight.update(seqs)
         return ScheduledBatch(seqs, counts)
+
+    def update_from_output(self, batch: ScheduledBatch, sampled: SampledTokens) -> list[TokenUpdate]:
+        """Advance every request of `batch` by its computed tokens and append the tokens it sampled,
+        finishing those that hit EOS, a stop token, max_tokens or the context length."""
+        now = time.monotonic()
+        updates = []
+        eos = self.config.eos_token_ids
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            self.in_flight.discard(seq)
+            if seq.is_finished:  # aborted while its batch was in flight
+                continue
+            seq.num_computed_tokens += n
+            self.bm.commit(seq)
+            if i not in sampled:
+                continue
+            token, logprobs = sampled[i]
+            seq.token_ids.append(token)
+            seq.first_token_time = seq.first_token_time or now
+            p, reason = seq.params, None
+            if (token in eos and not p.ignore_eos) or token in p.stop_token_ids:
+                reason = "stop"
+            elif seq.num_output_tokens >= p.max_tokens or len(seq) >= self.config.max_model_len:
+                reason = "length"
+            if reason is not None:
+                self.finish(seq, reason)
+            updates.append(TokenUpdate(seq.request_id, token, reason, logprobs, seq.num_cached_tokens))
+        self.remove_finished()
+        return updates
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Make room for `seq` by preempting the newest running requests; False if `seq` itself was preempted."""
         while not self.bm.can_allocate(seq, num_tokens):
-            victim = max((s for s in self.running if s.status is SequenceStatus.RUNNING), key=_order)
+            victim = max((s for s in self.running if s.status is SequenceStatus.RUNNING and s not in self.in_flight),
+                         key=_order)
             self.preempt(victim)
             if victim is seq:
                 return False
@@ -113,6 +156,7 @@ class Scheduler:
         """Drop the KV of `seq` and queue it again; its prompt plus outputs are recomputed later."""
         self.bm.free_seq(seq)
         seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
         self.running.remove(seq)
         self.add(seq)
         self.num_preemptions += 1

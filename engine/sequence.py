@@ -83,6 +83,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0
+    num_preemptions: int = 0  # times its KV was dropped; workers then get its block table anew
     finish_reason: str | None = None
     generator: torch.Generator | None = None  # a seeded request's noise, made by the sampler on its device
     first_scheduled_time: float | None = None  # left the waiting queue for the first time

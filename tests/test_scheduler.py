@@ -19,14 +19,9 @@ def make(prompt_len: int, max_tokens: int, priority: int = 0, rid: str = "r", fi
 def step(s: Scheduler) -> list[tuple[Sequence, int]]:
     """Stand-in for the model: every request that completes its tokens samples token 7."""
     batch = s.schedule()
-    for seq, n in zip(batch.seqs, batch.num_new_tokens):
-        seq.num_computed_tokens += n
-        s.bm.commit(seq)
-        if seq.num_computed_tokens == len(seq):
-            seq.token_ids.append(7)
-            if seq.num_output_tokens >= seq.params.max_tokens:
-                s.finish(seq, "length")
-    s.remove_finished()
+    sampled = {i: (7, None) for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
+               if seq.num_computed_tokens + n == len(seq)}
+    s.update_from_output(batch, sampled)
     return list(zip(batch.seqs, batch.num_new_tokens))
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import parallel
+from ..distributed import parallel_state as parallel
 from .linear import linear
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import parallel
+from ..distributed import parallel_state as parallel
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -71,19 +71,38 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """Q, K and V projections in one GEMM; each rank owns whole heads, so attention needs no communication."""
+    """Q, K and V projections in one GEMM; each rank owns whole heads, so attention needs no communication.
+
+    KV heads are split across ranks when the tensor-parallel size divides them; with more ranks than
+    KV heads each rank holds one KV head, replicated on the ranks whose query heads share it (vLLM's
+    rule), so grouped-query attention stays local to a rank either way.
+    """
 
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int) -> None:
         world = parallel.tp_size()
-        assert num_heads % world == 0 and num_kv_heads % world == 0, (
-            f"num_heads={num_heads} and num_kv_heads={num_kv_heads} must be divisible by tensor parallel size {world}")
-        self.head_dim, self.num_heads, self.num_kv_heads = head_dim, num_heads // world, num_kv_heads // world
-        super().__init__(hidden, (num_heads + 2 * num_kv_heads) * head_dim)
+        check_heads(num_heads, num_kv_heads, world)
+        self.head_dim, self.num_heads = head_dim, num_heads // world
+        self.num_kv_heads = max(1, num_kv_heads // world)
+        # which of the checkpoint's KV heads this rank holds (the first of them)
+        self.kv_head_start = parallel.tp_rank() * num_kv_heads // world if num_kv_heads >= world \
+            else parallel.tp_rank() // (world // num_kv_heads)
+        LinearBase.__init__(self, hidden, (self.num_heads + 2 * self.num_kv_heads) * head_dim, 0)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None) -> None:
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.rank * size, size))
+        start = self.rank * q if shard_id == "q" else self.kv_head_start * self.head_dim
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, start, size))
+
+
+def check_heads(num_heads: int, num_kv_heads: int, tensor_parallel_size: int) -> None:
+    """Raise ValueError naming the flag when the heads cannot be dealt out to the ranks."""
+    if num_heads % tensor_parallel_size:
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} must divide the model's {num_heads} "
+                         f"attention heads")
+    if num_kv_heads % tensor_parallel_size and tensor_parallel_size % num_kv_heads:
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} must divide the model's {num_kv_heads} "
+                         f"KV heads or be a multiple of them")
 
 
 class RowParallelLinear(LinearBase):
