@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from .config import LOAD_FORMATS, EngineConfig
+from .distributed.contract import WorkerEnvironment
 
 MODEL_HELP = ("GGUF file or Hugging Face directory (default: bundled SmolLM2-135M); with --load-format dummy, "
               "a config.json, its directory, or a bundled shape: smollm2-135m, llama-1b")
@@ -30,11 +31,22 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="every request's output independent of what shares its batch (requests with a seed "
                         "always are); prompts attend row by row, which costs prefill speed")
     p.add_argument("--enforce-eager", action="store_true", help="on CUDA, run decode steps without CUDA graphs")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
+                   help="ranks per pipeline stage, each with a shard of every layer (default: $ORCA_TP, else 1)")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=None,
+                   help="pipeline stages, each with a contiguous slice of the layers (default: $ORCA_PP, else 1)")
+    p.add_argument("--distributed-executor-backend", choices=["uni", "mp"], default=None,
+                   help="uni: the model in this process; mp: one worker process per rank (default: uni for one rank)")
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
+def engine_config(args: argparse.Namespace, environment: WorkerEnvironment | None = None) -> EngineConfig:
+    """The flags as a config; parallel sizes not given as flags come from the pod's contract environment."""
+    environment = environment or WorkerEnvironment()
     return EngineConfig(model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
                         max_batch_size=args.max_batch_size, max_num_batched_tokens=args.max_num_batched_tokens,
                         max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
                         block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
-                        preemption=args.preemption, batch_invariant=args.batch_invariant, enforce_eager=args.enforce_eager)
+                        preemption=args.preemption, batch_invariant=args.batch_invariant, enforce_eager=args.enforce_eager,
+                        tensor_parallel_size=args.tensor_parallel_size or environment.tensor_parallel_size,
+                        pipeline_parallel_size=args.pipeline_parallel_size or environment.pipeline_parallel_size,
+                        distributed_executor_backend=args.distributed_executor_backend)

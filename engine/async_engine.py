@@ -54,6 +54,7 @@ class AsyncLLMEngine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        self.engine.shutdown()
 
     @property
     def num_streams(self) -> int:

@@ -63,6 +63,10 @@ def add_bench_args(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
     p.add_argument("--kv-cache-memory", default="0.5", help="fraction of free memory, or a size")
     p.add_argument("--batch-invariant", action="store_true", help="time the engine in batch-invariant mode")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    p.add_argument("--distributed-executor-backend", choices=["uni", "mp"], default=None,
+                   help="mp: worker processes even for one rank (the worker path's own cost)")
     p.set_defaults(func=_cmd_throughput)
     p = kinds.add_parser("step", help="engine step time vs a bare forward of the same batch (overhead %%)")
     _add_model_args(p)
@@ -166,7 +170,8 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     runs = [time_engine(llm, reqs, f"engine ({len(reqs)} requests)")]
     if args.baseline == "hf":
         runs.append(time_engine(llm, prefix, f"engine (first {len(prefix)})"))
-        del llm  # the baseline should not compete with the engine's KV cache for memory
+        llm.engine.shutdown()  # the baseline should not compete with the engine's workers or KV cache
+        del llm
         runs.append(run_hf_baseline(prefix, args.model, args.baseline_dtype or dtype, args.baseline_batch_size,
                                     args.load_format, device))
     result = _summarize(args, runs, device)
@@ -193,6 +198,9 @@ def _build_llm(args: argparse.Namespace) -> Any:
         # run (the baseline prefix) reuse the first run's KV and inflate the ratio.
         enable_prefix_caching=False,
         batch_invariant=args.batch_invariant,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        distributed_executor_backend=args.distributed_executor_backend,
     )
     _engine_generate(llm, [BenchRequest(WARMUP_PROMPT, WARMUP_MAX_TOKENS)] * 2)
     return llm

@@ -44,3 +44,12 @@ def free_memory(device: torch.device) -> int:
     with open("/proc/meminfo") as f:
         info = dict(line.split(":", 1) for line in f)
     return int(info["MemAvailable"].split()[0]) * 1024
+
+
+def share_of_memory(value: str | float, parts: int) -> str | float:
+    """A fraction of free memory split between `parts` ranks that share one host's memory (CPU workers);
+    an absolute size is each rank's own already."""
+    text = str(value).strip()
+    if re.fullmatch(r"[0-9.]+", text) and float(text) <= 1:
+        return float(text) / parts
+    return value

@@ -95,7 +95,7 @@ class LLMEngine:
         self.processor.remove(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.in_flight)
 
     # ---- the iteration --------------------------------------------------------------------------
     def step_tokens(self) -> list[TokenUpdate]:
@@ -103,7 +103,7 @@ class LLMEngine:
         request that sampled one, finishing those that hit EOS, a stop token, max_tokens or the
         context length. In one process this is one schedule, one forward pass and one update."""
         while len(self.in_flight) < self.executor.max_concurrent_batches:
-            batch = self.scheduler.schedule()
+            batch = self.scheduler.schedule(self.executor.max_concurrent_batches - len(self.in_flight))
             if not batch:
                 break
             self.last_iteration_tokens = batch.num_tokens

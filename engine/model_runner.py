@@ -59,7 +59,7 @@ class ModelRunner:
             keep_freed_memory()
         with torch.device(self.device):
             self.model = LlamaForCausalLM(loaded.config).to(self.dtype)
-        self.model.load_weights(loaded.weights())
+        self.model.load_weights(loaded.weights(lambda name: self.model.parameter_name(name) is not None))
         self.model.eval()
         self.parallel = parallel_state.get()
         self.attention_layers = [self.model.model.layers[i].self_attn.attn for i in self.model.model.stage_layers]

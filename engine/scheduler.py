@@ -80,13 +80,17 @@ class Scheduler:
         remaining = seq.params.max_tokens - seq.num_output_tokens if seq.params.max_tokens else self.config.max_model_len
         return min(len(seq) + remaining, self.config.max_model_len)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, num_free_batches: int = 1) -> ScheduledBatch:
+        """The next batch. With `num_free_batches` > 1 pipeline slots open, it takes only its share of
+        the requests that could run, so the next batch has requests of its own and every stage stays busy."""
         budget = self.config.max_num_batched_tokens
         seqs: list[Sequence] = []
         counts: list[int] = []
         self.running.sort(key=_order)
+        idle = sum(seq not in self.in_flight for seq in self.running) + len(self.waiting)
+        share = -(-idle // num_free_batches)
         for seq in list(self.running):
-            if budget == 0:
+            if budget == 0 or len(seqs) >= share:
                 break
             if seq.status is not SequenceStatus.RUNNING or seq in self.in_flight:  # a victim below, or busy
                 continue
@@ -96,7 +100,7 @@ class Scheduler:
             seqs.append(seq)
             counts.append(n)
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size and len(seqs) < share:
             seq = self.waiting[0]
             target = self._target_tokens(seq)
             if not self.bm.can_allocate(seq, target):

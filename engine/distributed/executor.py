@@ -8,6 +8,7 @@ so nothing waits on a dead replica.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import threading
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import EngineConfig
+from ..device import resolve_device, share_of_memory
 from ..layers.linear import check_heads
 from ..loaders import LoadedModel
 from ..models.llama import stage_layers
@@ -68,7 +70,10 @@ class MultiprocExecutor:
         if environment is None:
             environment = WorkerEnvironment(tp, pp, master_port=self.store.port, worker_port=0)
         local_stages = [0] if in_pod else list(range(pp))
-        threads = threads_per_worker(tp * len(local_stages))
+        num_local = tp * len(local_stages)
+        threads = threads_per_worker(num_local)
+        if resolve_device(config.device).type == "cpu":  # the local ranks share this host's memory
+            config = dataclasses.replace(config, kv_cache_memory=share_of_memory(config.kv_cache_memory, num_local))
         self.processes = [start_worker(config, WorkerEnvironment(**{**environment.__dict__, "stage": stage}),
                                        tensor_rank, threads)
                           for stage in local_stages for tensor_rank in range(tp)]

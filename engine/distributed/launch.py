@@ -2,31 +2,21 @@
 --tensor-parallel-size N --pipeline-parallel-size M` or `LLM(...)`), or one stage's tensor ranks (a pod).
 
 Each worker is `python -m orca.engine.distributed.worker` with the contract's environment for its
-stage and its tensor rank. It dies with the process that started it (Linux parent-death signal), so a
-crashed master never leaves workers behind.
+stage and its tensor rank. It dies with the process that started it (the worker asks Linux for a
+parent-death signal as it starts; no `preexec_fn`, whose fork would run gRPC's fork handlers in a
+process with gRPC threads), so a crashed master never leaves workers behind.
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 
 from ..config import EngineConfig
 from .contract import WorkerEnvironment
-from .worker import NUM_THREADS, TENSOR_RANK
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:  # not Linux: the workers' heartbeat watchdog still ends them
-        pass
+from .worker import NUM_THREADS, PARENT_PID, TENSOR_RANK
 
 
 def threads_per_worker(num_local_workers: int) -> int:
@@ -38,12 +28,13 @@ def threads_per_worker(num_local_workers: int) -> int:
 def start_worker(config: EngineConfig, environment: WorkerEnvironment, tensor_rank: int,
                  num_threads: int) -> subprocess.Popen:
     env = {**os.environ, **environment.to_environ(), TENSOR_RANK: str(tensor_rank), NUM_THREADS: str(num_threads),
+           PARENT_PID: str(os.getpid()),
            "OMP_NUM_THREADS": str(num_threads), "PYTHONSAFEPATH": "1"}
     if environment.pod_ip.startswith("127."):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep gloo's traffic on loopback, where the ranks are
     config_json = json.dumps(dataclasses.asdict(config))
     return subprocess.Popen([sys.executable, "-m", "orca.engine.distributed.worker", "--config", config_json],
-                            env=env, preexec_fn=_die_with_parent)
+                            env=env)
 
 
 def stop_workers(processes: list[subprocess.Popen], timeout: float = 10.0) -> None:

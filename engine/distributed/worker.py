@@ -43,6 +43,7 @@ log = logging.getLogger("orca.worker")
 
 TENSOR_RANK = "ORCA_TENSOR_RANK"  # set by the pod-local launcher, one process per GPU
 NUM_THREADS = "ORCA_NUM_THREADS"  # CPU threads of this rank (the launcher divides the cores)
+PARENT_PID = "ORCA_PARENT_PID"  # the launcher: this worker dies with it
 HEARTBEAT_TIMEOUT = "ORCA_HEARTBEAT_TIMEOUT"
 DEFAULT_HEARTBEAT_TIMEOUT = 15.0  # seconds without a master heartbeat before a worker exits
 STORE_TIMEOUT_SECONDS = 600.0  # the whole replica must have joined within this
@@ -80,8 +81,8 @@ class Worker(pb_grpc.WorkerServicer):
         self.server.start()
 
         device = resolve_device(config.device)
-        if device.type == "cuda":
-            torch.cuda.set_device(tensor_rank)
+        if device.type == "cuda":  # a pod's GPUs are its tensor ranks'; one machine's, all the ranks'
+            torch.cuda.set_device(self.rank % torch.cuda.device_count())
         if os.environ.get(NUM_THREADS):
             torch.set_num_threads(int(os.environ[NUM_THREADS]))
         self.store = store_client(environment)
@@ -198,7 +199,24 @@ def die(reason: str) -> None:
     os._exit(1)
 
 
+def die_with_parent() -> None:
+    """Ask Linux for SIGKILL when the launcher exits; if it already has, leave now."""
+    import ctypes
+    import signal
+
+    parent = os.environ.get(PARENT_PID)
+    if not parent:
+        return
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # not glibc: the heartbeat watchdog still ends this worker
+        return
+    if os.getppid() != int(parent):
+        die("the process that started this worker is gone")
+
+
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
     parser = argparse.ArgumentParser(prog="orca-worker")
     parser.add_argument("--config", required=True, help="the EngineConfig as JSON")
     args = parser.parse_args(argv)

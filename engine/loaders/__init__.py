@@ -12,18 +12,19 @@ from ..config import LOAD_FORMATS, ModelConfig
 from ..tokenizer import Tokenizer
 
 WeightIterator = Iterator[tuple[str, torch.Tensor]]
+WeightFilter = Callable[[str], bool]  # which checkpoint names to read: a pipeline stage skips the others'
 
 
 @dataclass
 class LoadedModel:
     """What the engine needs to build a model.
 
-    `weights()` yields `(hf_name, float32 tensor)` one at a time (HF Llama names and
+    `weights(wanted=None)` yields `(hf_name, float32 tensor)` one at a time (HF Llama names and
     `[out_features, in_features]` layout), so peak memory stays near one tensor; it may be called again.
     """
 
     config: ModelConfig
-    weights: Callable[[], WeightIterator]
+    weights: Callable[..., WeightIterator]
     num_weights: int
     tokenizer: Tokenizer
 

@@ -19,7 +19,7 @@ from tokenizers import models, pre_tokenizers
 from ..bundled_model import bundled_model_path
 from ..config import ModelConfig
 from ..tokenizer import Tokenizer
-from . import LoadedModel, WeightIterator
+from . import LoadedModel, WeightFilter, WeightIterator
 from .hf import parse_config
 
 MODEL_CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_configs")
@@ -48,9 +48,14 @@ def config_file(model: str | None) -> str:
 
 
 def load_dummy(model: str | None = None, seed: int = 0) -> LoadedModel:
-    """Config from the json, random weights from `seed`: the same seed always yields the same tensors."""
+    """Config from the json, random weights from `seed`: the same seed always yields the same tensors.
+
+    The json's `initializer_range` (transformers' name) sets the weights' spread, 0.02 by default.
+    """
     config = dummy_config(model)
-    return LoadedModel(config, lambda: dummy_weights(config, seed), len(list(weight_shapes(config))),
+    with open(config_file(model), encoding="utf-8") as f:
+        std = float(json.load(f).get("initializer_range", WEIGHT_STD))
+    return LoadedModel(config, lambda wanted=None: dummy_weights(config, seed, std, wanted), len(list(weight_shapes(config))),
                        _tokenizer(config))
 
 
@@ -63,14 +68,15 @@ def dummy_config(model: str | None) -> ModelConfig:
         return parse_config(json.load(f), file)
 
 
-def dummy_weights(config: ModelConfig, seed: int = 0) -> WeightIterator:
-    """One tensor at a time from a generator of its own, so every call repeats the same tensors."""
+def dummy_weights(config: ModelConfig, seed: int = 0, std: float = WEIGHT_STD,
+                  wanted: WeightFilter | None = None) -> WeightIterator:
+    """One tensor at a time from a generator of its own, so every call repeats the same tensors (unwanted
+    ones are drawn too, so a pipeline stage gets the same weights as the whole model)."""
     generator = torch.Generator().manual_seed(seed)
     for name, shape in weight_shapes(config):
-        if len(shape) == 1:
-            yield name, torch.ones(shape)
-        else:
-            yield name, torch.empty(shape).normal_(0.0, WEIGHT_STD, generator=generator)
+        tensor = torch.ones(shape) if len(shape) == 1 else torch.empty(shape).normal_(0.0, std, generator=generator)
+        if wanted is None or wanted(name):
+            yield name, tensor
 
 
 def weight_shapes(config: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..tokenizer import Tokenizer
-from . import LoadedModel, WeightIterator
+from . import LoadedModel, WeightFilter, WeightIterator
 
 # llama.cpp tensor name -> Hugging Face Llama name.
 _GLOBAL_NAMES = {
@@ -74,9 +74,11 @@ def load_gguf(path: str) -> LoadedModel:
         eos_token_ids=list(dict.fromkeys(i for i in eos_ids if i is not None)),
     )
 
-    def weights() -> WeightIterator:
+    def weights(wanted: WeightFilter | None = None) -> WeightIterator:
         for tensor in tqdm(reader.tensors, desc="Loading weights"):
-            yield names[tensor.name], _to_hf_layout(names[tensor.name], _dequantize(tensor), config)
+            name = names[tensor.name]
+            if wanted is None or wanted(name):  # another stage's tensors are never dequantized
+                yield name, _to_hf_layout(name, _dequantize(tensor), config)
 
     return LoadedModel(config, weights, len(names), _tokenizer(meta, config.eos_token_ids, path))
 

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..tokenizer import Tokenizer
-from . import LoadedModel, WeightIterator
+from . import LoadedModel, WeightFilter, WeightIterator
 
 _WEIGHT_NAME = re.compile(
     r"model\.embed_tokens\.weight|model\.norm\.weight|lm_head\.weight"
@@ -44,11 +44,11 @@ def load_hf(path: str) -> LoadedModel:
             raise ValueError(f"{path}: tensor {name!r} has no place in a Llama model; this variant is not supported.")
         names.append(name)
 
-    def weights() -> WeightIterator:
+    def weights(wanted: WeightFilter | None = None) -> WeightIterator:
         by_file: dict[str, list[str]] = {}
-        for name in names:
+        for name in names if wanted is None else filter(wanted, names):
             by_file.setdefault(tensor_files[name], []).append(name)
-        with tqdm(total=len(names), desc="Loading weights") as progress:
+        with tqdm(total=sum(map(len, by_file.values())), desc="Loading weights") as progress:
             for file, file_names in by_file.items():
                 with safe_open(os.path.join(path, file), framework="pt") as f:
                     for name in file_names:

@@ -1,8 +1,12 @@
-"""uvicorn with a graceful drain: what `orca serve` does on SIGTERM.
+"""uvicorn with a graceful drain: what `orca serve` does on SIGTERM, and its exit when the engine fails.
 
 SIGTERM (what Kubernetes sends) does not stop the server at once: readiness turns false so
 traffic moves elsewhere, new API requests get 503, and requests in flight run to completion for
 up to the drain timeout; then the server exits 0. A second signal exits immediately.
+
+When the engine fails (its model loop raised, or a distributed worker died) every request in flight
+has already been answered 503; the server stays up `FAILURE_GRACE_SECONDS` more, with /ready and
+/health answering 503, then exits non-zero so Kubernetes restarts the pod (and with it the replica).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import uvicorn
 from .app import ServerState
 
 log = logging.getLogger("orca.serve")
+FAILURE_GRACE_SECONDS = 3.0
 
 
 class DrainingServer(uvicorn.Server):
@@ -31,11 +36,19 @@ class DrainingServer(uvicorn.Server):
 
     async def main_loop(self) -> None:
         # uvicorn's loop ticks until should_exit; run the drain watcher beside it.
-        watcher = asyncio.create_task(self._drain_when_asked())
+        watchers = [asyncio.create_task(self._drain_when_asked()), asyncio.create_task(self._exit_when_engine_fails())]
         try:
             await super().main_loop()
         finally:
-            watcher.cancel()
+            for watcher in watchers:
+                watcher.cancel()
+
+    async def _exit_when_engine_fails(self) -> None:
+        while self.state.engine.error is None:
+            await asyncio.sleep(0.1)
+        log.error("engine failed (%s); exiting in %.0fs", self.state.engine.error, FAILURE_GRACE_SECONDS)
+        await asyncio.sleep(FAILURE_GRACE_SECONDS)
+        self.should_exit = True
 
     async def _drain_when_asked(self) -> None:
         while not self.state.draining:

@@ -39,6 +39,10 @@ class Gate:
             await error_response(APIError(503, "server is draining", "service_unavailable", code="draining",
                                           headers={"Retry-After": "1"}))(scope, receive, send)
             return
+        if state.engine.error is not None:
+            await error_response(APIError(503, f"engine failed: {state.engine.error}", "service_unavailable",
+                                          code="engine_failed"))(scope, receive, send)
+            return
         state.inflight += 1
         try:
             await self.app(scope, receive, send)

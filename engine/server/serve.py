@@ -10,7 +10,13 @@ import logging
 import os
 import sys
 
+from typing import TYPE_CHECKING
+
 from ..arg_utils import add_engine_args, engine_config
+
+if TYPE_CHECKING:
+    from ..config import EngineConfig
+    from ..distributed.contract import WorkerEnvironment
 
 log = logging.getLogger("orca.serve")
 
@@ -31,6 +37,25 @@ def add_serve_args(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """The master of a replica (and its first stage); in a pod of a later stage, that stage's workers alone."""
+    import dataclasses
+
+    from ..distributed.contract import POD_NAME, WorkerEnvironment
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    environment = WorkerEnvironment.from_environ()
+    config = engine_config(args, environment)
+    environment = dataclasses.replace(environment, tensor_parallel_size=config.tensor_parallel_size,
+                                      pipeline_parallel_size=config.pipeline_parallel_size)
+    in_pod = bool(os.environ.get(POD_NAME))  # the operator's pods: each stage in a pod of its own
+    if in_pod and not environment.is_master:
+        from ..distributed.stage_host import serve_stage
+
+        return serve_stage(config, environment, args.host, args.port)
+    return serve_master(args, config, environment if in_pod else None)
+
+
+def serve_master(args: argparse.Namespace, config: EngineConfig, environment: WorkerEnvironment | None) -> int:
     import uvicorn
 
     from ..async_engine import AsyncLLMEngine
@@ -39,8 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .drain import DrainingServer
     from .metrics import Metrics
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = LLMEngine(engine_config(args))
+    engine = LLMEngine(config, environment)
     name = args.served_model_name or engine.model_name
     metrics = Metrics(name)
     state = ServerState(AsyncLLMEngine(engine, on_step=metrics.on_step), name, metrics,
@@ -52,7 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = DrainingServer(config, state, args.drain_timeout)
     log.info("serving %s on http://%s:%d", name, args.host, args.port)
     server.run()
-    return 0
+    return 1 if state.engine.error is not None else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,7 +43,7 @@ class OpenAIServing(ABC, Generic[RequestT]):
                 async for _ in stream:
                     pass
         except EngineDeadError as error:
-            raise APIError(500, str(error), "internal_error") from error
+            raise APIError(503, str(error), "service_unavailable", code="engine_failed") from error
         outputs = [self.finals[index] for index in range(len(self.sequences))]
         return JSONResponse({"id": self.id, "object": self.object_name, "created": self.created,
                              "model": self.state.model_name,
@@ -60,7 +60,7 @@ class OpenAIServing(ABC, Generic[RequestT]):
                     if chunk is not None:
                         yield _event(chunk)
         except EngineDeadError as error:
-            yield _event(error_body(str(error), "internal_error"))
+            yield _event(error_body(str(error), "service_unavailable", code="engine_failed"))
         else:
             options = self.request.stream_options
             if options is not None and options.include_usage:
