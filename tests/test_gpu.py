@@ -91,3 +91,13 @@ def test_server_answers_on_cuda() -> None:
         chunks = list(client.completions.create(model="smollm2-135m", prompt=[17, 300, 4000], max_tokens=8,
                                                 temperature=0.0, stream=True, extra_body={"ignore_eos": True}))
         assert "".join(c.choices[0].text for c in chunks if c.choices) == out.choices[0].text
+
+
+def test_worker_path_with_nccl_equals_in_process(model_dir: str, prompt_ids, expected) -> None:
+    """World size 1 through a worker process (NCCL initialised, gRPC control): the same tokens."""
+    llm = engine(model_dir, distributed_executor_backend="mp")
+    try:
+        assert llm.engine.device.type == "cuda"
+        assert run(llm, prompt_ids) == expected
+    finally:
+        llm.engine.shutdown()
