@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 from concurrent.futures import Future
+from typing import TYPE_CHECKING
 
 from .block_manager import BlockManager
 from .bundled_model import BUNDLED_MODEL_NAME
@@ -14,6 +15,9 @@ from .loaders import load_model
 from .output_processor import OutputProcessor, RequestOutput, TokenUpdate
 from .scheduler import SampledTokens, ScheduledBatch, Scheduler, SchedulerConfig
 from .sequence import SamplingParams, Sequence
+
+if TYPE_CHECKING:
+    from .model_runner import ModelRunner
 
 
 class LLMEngine:
@@ -37,7 +41,8 @@ class LLMEngine:
         self.last_iteration_tokens = 0
 
     @property
-    def runner(self):  # noqa: ANN201 - the in-process ModelRunner, for tests and benchmarks that reach into it
+    def runner(self) -> ModelRunner:
+        """The in-process model runner, for tests and benchmarks that reach into it (one rank only)."""
         return self.executor.runner
 
     def shutdown(self) -> None:
@@ -95,7 +100,7 @@ class LLMEngine:
         self.processor.remove(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work() or bool(self.in_flight)
+        return self.scheduler.has_work()
 
     # ---- the iteration --------------------------------------------------------------------------
     def step_tokens(self) -> list[TokenUpdate]:
