@@ -156,15 +156,18 @@ def test_pipeline_keeps_two_batches_in_flight_with_no_request_in_both(tiny: str)
     assert concurrent >= 3, "the two stages never worked at the same time"
 
 
-def test_orca_serve_pipeline_and_tensor_parallel_equal_one_process() -> None:
-    """`orca serve -tp 3`: chat and streamed completions with the openai client equal the in-process engine."""
+@pytest.mark.parametrize("layout", [["--tensor-parallel-size", "3"], ["--pipeline-parallel-size", "2"]],
+                         ids=["tp3", "pp2"])
+def test_orca_serve_pipeline_and_tensor_parallel_equal_one_process(layout: list[str]) -> None:
+    """`orca serve -tp 3` and `-pp 2`: chat and streamed completions with the openai client equal the
+    in-process engine."""
     args = ["--dtype", "float32", "--kv-cache-memory", "64MiB", "--max-model-len", "512"]
     messages = [{"role": "user", "content": "Name three colours."}]
     llm = LLM(dtype="float32", kv_cache_memory="64MiB", max_model_len=512)
     greedy = SamplingParams(temperature=0.0, max_tokens=24)
     want_chat = llm.chat(messages, greedy, use_tqdm=False)[0].text
     want_completion = llm.generate(["Once upon a time"], greedy, use_tqdm=False)[0].text
-    with ServerProcess(*args, "--tensor-parallel-size", "3") as server:
+    with ServerProcess(*args, *layout) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
         chat = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=24,
                                               temperature=0)
