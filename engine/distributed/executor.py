@@ -74,7 +74,7 @@ class MultiprocExecutor:
         threads = threads_per_worker(num_local)
         if resolve_device(config.device).type == "cpu":  # the local ranks share this host's memory
             config = dataclasses.replace(config, kv_cache_memory=share_of_memory(config.kv_cache_memory, num_local))
-        self.processes = [start_worker(config, WorkerEnvironment(**{**environment.__dict__, "stage": stage}),
+        self.processes = [start_worker(config, dataclasses.replace(environment, stage=stage),
                                        tensor_rank, threads)
                           for stage in local_stages for tensor_rank in range(tp)]
         try:

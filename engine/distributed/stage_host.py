@@ -27,11 +27,12 @@ def serve_stage(config: EngineConfig, environment: WorkerEnvironment, host: str,
 
     class Probes(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-            alive = all(process.poll() is None for process in processes)
-            status = 200 if self.path in ("/health", "/ready") and alive and not stopping.is_set() else 503
-            body = b'{"status": "ok"}' if status == 200 else b'{"status": "unavailable"}'
             if self.path not in ("/health", "/ready"):
                 status, body = 404, b'{"status": "not found"}'
+            elif all(process.poll() is None for process in processes) and not stopping.is_set():
+                status, body = 200, b'{"status": "ok"}'
+            else:
+                status, body = 503, b'{"status": "unavailable"}'
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
