@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     from orca.operator.main import add_operator_args
 
     add_operator_args(sub)
+    from orca.operator.router.main import add_router_args
+
+    add_router_args(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
