@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     from orca.operator.router.main import add_router_args
 
     add_router_args(sub)
+    from orca.operator.dev.main import add_dev_args
+
+    add_dev_args(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

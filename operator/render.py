@@ -24,6 +24,31 @@ PORT = 8000
 BUNDLED_HEADS = {"numAttentionHeads": 9, "numKeyValueHeads": 3}
 DRAIN_SECONDS = 30
 PRESTOP_SECONDS = 5
+STARTUP_SECONDS = 600  # the longest an engine may take to load its model before the kubelet restarts it
+# The image's non-root user (distroless' "nonroot"), numeric so the kubelet can check runAsNonRoot.
+RUN_AS_USER = 65532
+SCRATCH = "/tmp"  # the one writable path of every pod: HOME and caches live here
+
+
+def pod_security_context() -> Obj:
+    """Pod Security Standards "restricted": what a hardened namespace admits."""
+    return {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER, "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def container_security_context() -> Obj:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True}
+
+
+def _harden(pod: Obj, container: Obj) -> None:
+    """Restricted security contexts, and an emptyDir at SCRATCH for what the process writes (a read-only
+    root filesystem leaves nothing else writable): HOME, and with it the compiled-kernel and model caches."""
+    pod["securityContext"] = pod_security_context()
+    container["securityContext"] = container_security_context()
+    pod.setdefault("volumes", []).append({"name": "scratch", "emptyDir": {}})
+    container.setdefault("volumeMounts", []).append({"name": "scratch", "mountPath": SCRATCH})
+    container.setdefault("env", []).extend([{"name": "HOME", "value": SCRATCH}, {"name": "TMPDIR", "value": SCRATCH}])
 
 
 class SpecError(ValueError):
@@ -129,11 +154,13 @@ def statefulset(od: Obj, replica: int) -> Obj:
                   *({"name": f"worker-{rank}", "containerPort": contract.DEFAULT_WORKER_PORT + rank, "protocol": "TCP"}
                     for rank in range(tp))],
         "env": contract.pod_env(tp, pp, group, ns),
-        "readinessProbe": {"httpGet": {"path": "/ready", "port": PORT, "scheme": "HTTP"}, "periodSeconds": 5,
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": PORT, "scheme": "HTTP"}, "periodSeconds": 2,
                            "failureThreshold": 3, "timeoutSeconds": 2, "successThreshold": 1},
+        # Loading a model (and building kernels) takes minutes on a cold node: liveness waits for start-up.
+        "startupProbe": {"httpGet": {"path": "/health", "port": PORT, "scheme": "HTTP"}, "periodSeconds": 2,
+                         "failureThreshold": STARTUP_SECONDS // 2, "timeoutSeconds": 2, "successThreshold": 1},
         "livenessProbe": {"httpGet": {"path": "/health", "port": PORT, "scheme": "HTTP"}, "periodSeconds": 10,
-                          "failureThreshold": 6, "timeoutSeconds": 2, "successThreshold": 1,
-                          "initialDelaySeconds": 30},
+                          "failureThreshold": 6, "timeoutSeconds": 2, "successThreshold": 1},
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SECONDS)]}}},
         "resources": _resources(spec, tp),
     }
@@ -150,6 +177,7 @@ def statefulset(od: Obj, replica: int) -> Obj:
                   if model.get("pvc") else {"name": "model", "hostPath": {"path": model["hostPath"]}})
         pod["volumes"] = [volume]
         container["volumeMounts"] = [{"name": "model", "mountPath": "/models", "readOnly": True}]
+    _harden(pod, container)
     spread = {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
                                                  "labelSelector": {"matchLabels": pod_labels}}}
     affinity = copy.deepcopy(spec.get("affinity") or {})
@@ -188,17 +216,45 @@ def stage_label_patch(pod: Obj) -> Obj | None:
     return {"metadata": {"labels": {contract.STAGE_LABEL: stage}}}
 
 
+def router_name(od: Obj) -> str:
+    return f"{od['metadata']['name']}-router"
+
+
+def router_service_account(od: Obj) -> Obj:
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(od, router_name(od), "router")}
+
+
+def router_role(od: Obj) -> Obj:
+    """The router watches its engine Service's Endpoints to know the ready replicas; nothing more."""
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(od, router_name(od), "router"),
+            "rules": [{"apiGroups": [""], "resources": ["endpoints"], "verbs": ["get", "list", "watch"],
+                       "resourceNames": [f"{od['metadata']['name']}-engine"]}]}
+
+
+def router_role_binding(od: Obj) -> Obj:
+    name = router_name(od)
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(od, name, "router"),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": od["metadata"]["namespace"]}]}
+
+
 def router_deployment(od: Obj) -> Obj:
-    spec, name = od["spec"], od["metadata"]["name"]
+    spec, name, namespace = od["spec"], od["metadata"]["name"], od["metadata"]["namespace"]
     sel = labels(name, "router")
-    container = {"name": "router", "image": spec.get("image", DEFAULT_IMAGE),
-                 "args": ["router", "--port", str(PORT), "--upstream", f"http://{name}-engine:{PORT}"],
-                 "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
-                 "readinessProbe": {"httpGet": {"path": "/ready", "port": PORT, "scheme": "HTTP"}, "periodSeconds": 5,
-                                    "failureThreshold": 3, "timeoutSeconds": 2, "successThreshold": 1}}
+    container: Obj = {"name": "router", "image": spec.get("image", DEFAULT_IMAGE),
+                      "args": ["router", "--port", str(PORT), "--service", f"{name}-engine", "--namespace", namespace],
+                      "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+                      "readinessProbe": {"httpGet": {"path": "/ready", "port": PORT, "scheme": "HTTP"},
+                                         "periodSeconds": 5, "failureThreshold": 3, "timeoutSeconds": 2,
+                                         "successThreshold": 1},
+                      "livenessProbe": {"httpGet": {"path": "/health", "port": PORT, "scheme": "HTTP"},
+                                        "periodSeconds": 10, "failureThreshold": 3, "timeoutSeconds": 2,
+                                        "successThreshold": 1}}
+    pod: Obj = {"serviceAccountName": router_name(od), "containers": [container]}
+    _harden(pod, container)
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(od, name, "router"),
             "spec": {"replicas": int((spec.get("router") or {}).get("replicas", 1)), "selector": {"matchLabels": sel},
-                     "template": {"metadata": {"labels": sel}, "spec": {"containers": [container]}}}}
+                     "template": {"metadata": {"labels": sel}, "spec": pod}}}
 
 
 def router_service(od: Obj) -> Obj:
@@ -237,7 +293,8 @@ def children(od: Obj, pdb_api_version: str = "policy/v1") -> list[Obj]:
     objs = [configmap(od)]
     for r in range(replicas):
         objs += [headless_service(od, r), statefulset(od, r)]
-    objs += [engine_service(od), router_deployment(od), router_service(od), pdb(od, pdb_api_version)]
+    objs += [engine_service(od), router_service_account(od), router_role(od), router_role_binding(od),
+             router_deployment(od), router_service(od), pdb(od, pdb_api_version)]
     ing = ingress(od)
     return objs + ([ing] if ing else [])
 

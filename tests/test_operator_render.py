@@ -1,6 +1,7 @@
 """Unit tests of the operator's pure render functions: every child from a spec alone."""
 from __future__ import annotations
 
+import copy
 import filecmp
 import json
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 from orca.engine.distributed import contract
 from orca.operator import render
 from orca.operator.apply import is_subset
+from pod_security import restricted_violations
 
 ROOT = Path(__file__).parent.parent
 
@@ -27,8 +29,8 @@ def test_crd_has_one_source_of_truth() -> None:
 def test_every_child_is_owned_and_labelled() -> None:
     objs = render.children(od(replicas=2, parallelism={"tensor": 2, "pipeline": 3}, ingress={"enabled": True}))
     kinds = [o["kind"] for o in objs]
-    assert kinds == ["ConfigMap", "Service", "StatefulSet", "Service", "StatefulSet", "Service", "Deployment",
-                     "Service", "PodDisruptionBudget", "Ingress"]
+    assert kinds == ["ConfigMap", "Service", "StatefulSet", "Service", "StatefulSet", "Service", "ServiceAccount",
+                     "Role", "RoleBinding", "Deployment", "Service", "PodDisruptionBudget", "Ingress"]
     for o in objs:
         ref = o["metadata"]["ownerReferences"][0]
         assert ref == {"apiVersion": "orca.dev/v1alpha1", "kind": "OrcaDeployment", "name": "m", "uid": "uid-1",
@@ -43,7 +45,7 @@ def test_statefulset_places_pipeline_stages_with_tensor_gpus() -> None:
     pod = sts["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert c["resources"] == {"limits": {"nvidia.com/gpu": "4"}}
-    assert c["env"] == contract.pod_env(4, 3, "m-r1", "ns")
+    assert c["env"][:len(contract.pod_env(4, 3, "m-r1", "ns"))] == contract.pod_env(4, 3, "m-r1", "ns")
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["ORCA_TP"] == "4" and env["ORCA_PP"] == "3" and env["ORCA_MASTER_ADDR"] == "m-r1-0.m-r1.ns.svc"
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
@@ -60,8 +62,8 @@ def test_statefulset_places_pipeline_stages_with_tensor_gpus() -> None:
 
 def test_api_key_is_appended_to_the_contract_env() -> None:
     c = render.statefulset(od(apiKeySecretRef={"name": "keys"}), 0)["spec"]["template"]["spec"]["containers"][0]
-    assert c["env"][:-1] == contract.pod_env(1, 1, "m-r0", "ns")
-    assert c["env"][-1] == {"name": "ORCA_API_KEY", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "api-key"}}}
+    assert c["env"][:len(contract.pod_env(1, 1, "m-r0", "ns"))] == contract.pod_env(1, 1, "m-r0", "ns")
+    assert {"name": "ORCA_API_KEY", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "api-key"}}} in c["env"]
 
 
 def test_engine_service_routes_only_to_stage_0() -> None:
@@ -110,7 +112,37 @@ def test_engine_args_and_configmap_follow_the_spec() -> None:
     assert args[args.index("--max-batch-size") + 1] == "64" and args[args.index("--model") + 1] == "/models/llama.gguf"
     assert json.loads(render.configmap(o)["data"]["args.json"]) == args
     pod = render.statefulset(o, 0)["spec"]["template"]["spec"]
-    assert pod["volumes"] == [{"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}]
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pod["volumes"]
+
+
+@pytest.mark.parametrize("spec", [{}, {"model": {"name": "x", "source": "path", "hostPath": "/srv/models"}},
+                                  {"parallelism": {"tensor": 3, "pipeline": 2}}])
+def test_every_pod_template_meets_the_restricted_pod_security_standard(spec: dict) -> None:
+    o = od(**spec)
+    templates = [child["spec"]["template"]["spec"] for child in render.children(o) if "template" in child.get("spec", {})]
+    assert len(templates) == int(o["spec"].get("replicas", 1)) + 1  # the engines' StatefulSets and the router
+    for pod in templates:
+        assert restricted_violations(pod) == []
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        container = pod["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["HOME"] == "/tmp" and {"name": "scratch", "mountPath": "/tmp"} in container["volumeMounts"]
+    # the check itself fails a pod that lacks any one field
+    bad = copy.deepcopy(templates[0])
+    del bad["containers"][0]["securityContext"]["capabilities"]
+    assert restricted_violations(bad) == ["containers[0] (engine): capabilities must drop ALL and add none"]
+
+
+def test_router_reads_only_its_engine_endpoints() -> None:
+    o = od()
+    deployment = render.router_deployment(o)["spec"]["template"]["spec"]
+    assert deployment["serviceAccountName"] == "m-router"
+    args = deployment["containers"][0]["args"]
+    assert args[args.index("--service") + 1] == "m-engine" and args[args.index("--namespace") + 1] == "ns"
+    assert render.router_role(o)["rules"] == [{"apiGroups": [""], "resources": ["endpoints"],
+                                               "verbs": ["get", "list", "watch"], "resourceNames": ["m-engine"]}]
+    binding = render.router_role_binding(o)
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "m-router", "namespace": "ns"}]
 
 
 def test_router_ingress_pdb() -> None:

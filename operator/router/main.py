@@ -72,6 +72,7 @@ def cmd_router(args: argparse.Namespace) -> int:
     from .replicas import ReplicaSet
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per scrape would bury the router's own
     replica_set = ReplicaSet(source, scrape_interval=args.scrape_interval, scrape_timeout=args.scrape_timeout)
     logging.getLogger("orca.router").info("routing on http://%s:%d", args.host, args.port)
     uvicorn.run(build_app(replica_set), host=args.host, port=args.port, log_level=args.log_level)
