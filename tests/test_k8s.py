@@ -28,7 +28,7 @@ from orca.engine.distributed.contract import STAGE_LABEL
 
 helm = pytest.importorskip("helm_sdkpy", reason="installed by `make` (pip --ignore-requires-python helm-sdkpy)")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.k8s]
 urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)  # the test cluster's self-signed cert
 ROOT = Path(__file__).parent.parent
 CHART = str(ROOT / "charts/orca")
@@ -245,6 +245,10 @@ def test_operator_rbac_is_enough_and_no_more(api, release) -> None:
     assert can("create", "statefulsets", "apps") and can("patch", "orcadeployments", G, "status")
     assert can("create", "events") and can("delete", "services")
     assert all(can(verb, "pods") for verb in ("get", "list", "watch", "patch"))  # to label engine pods' stage
+    # each router's own ServiceAccount and Role to read its Endpoints, which the operator must hold to grant
+    assert can("create", "serviceaccounts") and can("create", "roles", "rbac.authorization.k8s.io")
+    assert can("create", "rolebindings", "rbac.authorization.k8s.io") and can("watch", "endpoints")
+    assert not can("create", "endpoints") and not can("create", "clusterrolebindings", "rbac.authorization.k8s.io")
     assert not can("get", "secrets") and not can("create", "pods") and not can("delete", "pods")
     assert not can("delete", "orcadeployments", G)
     assert not can("create", "clusterroles", "rbac.authorization.k8s.io")
