@@ -125,3 +125,13 @@ def test_process_table_stops_only_what_it_started(tmp_path: Path) -> None:
         stranger.kill()
         stranger.wait()
         ours.kill()
+
+
+def test_the_node_advertises_gpus_only_when_asked_and_says_they_are_simulated() -> None:
+    from orca.operator.dev.node_agent import GPU_RESOURCE, SIMULATED_GPUS_LABEL, node_object
+
+    plain, gpus = node_object("n", 0, 10250, "127.0.0.1"), node_object("n", 4, 10250, "127.0.0.1")
+    assert GPU_RESOURCE not in plain["status"]["capacity"] and SIMULATED_GPUS_LABEL not in plain["metadata"]["labels"]
+    assert gpus["status"]["allocatable"][GPU_RESOURCE] == "4" and gpus["metadata"]["labels"][SIMULATED_GPUS_LABEL] == "4"
+    assert int(plain["status"]["capacity"]["cpu"]) == os.cpu_count()
+    assert plain["status"]["addresses"][0] == {"type": "InternalIP", "address": "127.0.0.1"}

@@ -128,3 +128,16 @@ def test_bench_serve_measures_another_openai_server(tmp_path) -> None:
         p = result[key]
         assert 0 < p["p50"] <= p["p90"] <= p["p99"]
     assert result["ttft_s"]["p50"] < result["e2e_s"]["p50"]
+
+
+def test_access_log_leaves_out_routine_polls_but_not_their_failures() -> None:
+    import logging
+
+    from orca.engine.server.serve import _not_a_routine_poll
+
+    def record(method: str, path: str, status: int) -> logging.LogRecord:
+        return logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
+                                 ("127.0.0.1:1", method, path, "1.1", status), None)
+
+    assert not _not_a_routine_poll(record("GET", "/ready", 200)) and not _not_a_routine_poll(record("GET", "/metrics", 200))
+    assert _not_a_routine_poll(record("GET", "/ready", 503)) and _not_a_routine_poll(record("POST", "/v1/completions", 200))

@@ -74,6 +74,7 @@ def serve_master(args: argparse.Namespace, config: EngineConfig, environment: Wo
     config = uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=1)
     server = DrainingServer(config, state, args.drain_timeout)
+    logging.getLogger("uvicorn.access").addFilter(_not_a_routine_poll)
     log.info("serving %s on http://%s:%d", name, args.host, args.port)
     server.run()
     return 1 if state.engine.error is not None else 0
@@ -89,3 +90,14 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+_ROUTINE_POLLS = ("/health", "/ready", "/metrics")
+
+
+def _not_a_routine_poll(record: logging.LogRecord) -> bool:
+    """Probes and the router's scrapes hit these every second or two; an access line each would
+    bury the requests. Their failures still show (a non-200 is logged)."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    return not (len(args) >= 5 and args[1] == "GET" and args[2] in _ROUTINE_POLLS and args[4] == 200)
+
