@@ -8,7 +8,8 @@ import torch
 
 from orca.engine.bundled_model import bundled_model_path
 from orca.engine.loaders import LoadedModel, load_model
-from orca.engine.loaders.hf import load_hf
+from orca.engine.loaders.gguf_tokenizer import load_gguf_tokenizer
+from orca.engine.loaders.hf import load_hf, load_hf_tokenizer
 from orca.engine.tokenizer import IncrementalDetokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -82,6 +83,17 @@ def test_gguf_chat_template_matches_transformers(gguf_model: LoadedModel, hf_ggu
     assert ours.endswith("<|im_start|>assistant\n")
     assert gguf_model.tokenizer.encode(ours) == hf_gguf_tokenizer.encode(theirs)
     assert gguf_model.tokenizer.encode(ours)[0] == 1  # <|im_start|> from the template, no BOS added
+
+
+def test_the_torch_free_gguf_tokenizer_is_the_loaders(gguf_model: LoadedModel) -> None:
+    """What the router tokenizes with must give the engine's ids, or its prefix blocks would not line up."""
+    ours, engines = load_gguf_tokenizer(bundled_model_path()), gguf_model.tokenizer
+    for text in TEXTS:
+        assert ours.encode(text) == engines.encode(text), text
+        assert ours.encode(text, add_special_tokens=False) == engines.encode(text, add_special_tokens=False), text
+    assert ours.apply_chat_template(CONVERSATION) == engines.apply_chat_template(CONVERSATION)
+    assert (ours.bos_token_id, ours.eos_token_ids, ours.vocab_size) == (
+        engines.bos_token_id, engines.eos_token_ids, engines.vocab_size)
 
 
 @pytest.mark.slow
@@ -165,3 +177,17 @@ def test_hf_tokenizer_matches_transformers(hf_dir) -> None:
         CONVERSATION, tokenize=False, add_generation_prompt=True
     )
     assert ours.eos_token_ids == [2, 0] and ours.bos_token_id == 1
+
+
+def test_the_torch_free_hf_tokenizer_is_the_loaders(hf_dir) -> None:
+    path, _ = hf_dir
+    ours, engines = load_hf_tokenizer(str(path)), load_hf(str(path)).tokenizer
+    for text in TEXTS:
+        assert ours.encode(text) == engines.encode(text), text
+    assert ours.apply_chat_template(CONVERSATION) == engines.apply_chat_template(CONVERSATION)
+    assert (ours.bos_token_id, ours.eos_token_ids) == (engines.bos_token_id, engines.eos_token_ids) == (1, [2, 0])
+
+    from orca.operator.router.prompts import load_tokenizer  # the router's --tokenizer DIRECTORY
+
+    router_tokenizer = load_tokenizer(str(path))
+    assert router_tokenizer is not None and router_tokenizer.encode(TEXTS[0]) == engines.encode(TEXTS[0])

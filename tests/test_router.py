@@ -26,7 +26,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client.parser import text_string_to_metric_families
 
 from orca.engine.server.disconnect import unless_disconnected
+from orca.engine.tokenizer import Tokenizer
 from orca.operator.router.endpoints import StaticSource
+from orca.operator.router.policy import ScoringWeights
+from orca.operator.router.prompts import CHAT_PATH, COMPLETIONS_PATH, PromptHasher, load_tokenizer
 from orca.operator.router.proxy import build_app
 from orca.operator.router.replicas import ReplicaSet
 
@@ -188,10 +191,12 @@ class Router:
                    if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
 
 
-def start_router(upstreams: list[Upstream], scrape_interval: float) -> Router:
+def start_router(upstreams: list[Upstream], scrape_interval: float, weights: ScoringWeights = ScoringWeights(),
+                 prompt_hasher: PromptHasher | None = None) -> Router:
     replica_set = ReplicaSet(StaticSource([u.server.url for u in upstreams]),  # type: ignore[union-attr]
-                             scrape_interval=scrape_interval, scrape_timeout=0.5)
-    router = Router(ServerThread(build_app(replica_set, connect_timeout=1.0)), replica_set)
+                             scrape_interval=scrape_interval, scrape_timeout=0.5, weights=weights)
+    router = Router(ServerThread(build_app(replica_set, connect_timeout=1.0, prompt_hasher=prompt_hasher)),
+                    replica_set)
     wait_until(lambda: httpx.get(f"{router.server.url}/ready").status_code == 200, "the router to be ready")
     return router
 
@@ -211,8 +216,9 @@ def upstreams() -> Iterator[list[Upstream]]:
 def router_factory() -> Iterator[Callable[..., Router]]:
     routers: list[Router] = []
 
-    def make(upstreams: list[Upstream], scrape_interval: float = 0.1) -> Router:
-        routers.append(start_router(upstreams, scrape_interval))
+    def make(upstreams: list[Upstream], scrape_interval: float = 0.1, weights: ScoringWeights = ScoringWeights(),
+             prompt_hasher: PromptHasher | None = None) -> Router:
+        routers.append(start_router(upstreams, scrape_interval, weights, prompt_hasher))
         return routers[-1]
 
     yield make
@@ -355,6 +361,108 @@ def test_a_draining_upstreams_503_is_retried_on_another_before_any_byte(upstream
     assert router.metric("orca:router_upstream_errors_total", replica=beta.address) == 1
 
 
+# --- prefix affinity, with the bundled model's real tokenizer ---
+
+SYSTEM_PROMPT = ("You are the support assistant of a company that sells garden tools. Answer politely, in at most "
+                 "three sentences, cite the manual's section when you can, and never promise a delivery date. "
+                 "The catalogue: spades, rakes, hoes, shears, secateurs, wheelbarrows, hoses and watering cans; "
+                 "every tool has a five-year warranty against defects, not against wear. ") * 3
+
+
+@pytest.fixture(scope="module")
+def bundled_tokenizer() -> Tokenizer:
+    tokenizer = load_tokenizer("bundled")
+    assert tokenizer is not None
+    return tokenizer
+
+
+def ask(router: Router, question: str) -> str:
+    chat = router.client().chat.completions.create(model="fake", messages=[
+        {"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}])
+    return chat.choices[0].message.content.split("|")[0]  # type: ignore[union-attr]
+
+
+QUESTIONS = ["Do you sell rakes?", "What does the warranty cover?", "When will my order arrive?",
+             "Which shears cut branches?", "Is a hose included with the watering can?"]
+
+
+def test_requests_sharing_a_system_prompt_follow_its_replica_while_loads_are_equal(
+        upstreams, router_factory, bundled_tokenizer):
+    router = router_factory(upstreams, prompt_hasher=PromptHasher(bundled_tokenizer))
+    answered_by = [ask(router, question) for question in QUESTIONS]
+    assert len(set(answered_by)) == 1, answered_by
+    assert router.metric("orca:router_prefix_affinity_total", outcome="miss") == 1
+    assert router.metric("orca:router_prefix_affinity_total", outcome="hit") == len(QUESTIONS) - 1
+    assert router.metric("orca:router_prefix_affinity_total", outcome="overridden") == 0
+
+    holder = next(u for u in upstreams if u.name == answered_by[0])
+    other = next(u for u in upstreams if u is not holder)
+    holder.running = 10  # far beyond the affinity bound: load wins over the cached prefix
+    replica = router.replica_set.replicas[holder.address]
+    wait_until(lambda: replica.num_requests_running == 10, "the router to scrape the holder's load")
+    assert ask(router, "And hoes?") == other.name
+    assert router.metric("orca:router_prefix_affinity_total", outcome="overridden") == 1
+    holder.running = 0
+    wait_until(lambda: replica.num_requests_running == 0, "the router to scrape the holder's load")
+    assert ask(router, "And spades?") == other.name  # the prefix now lives where it last went
+
+
+def test_without_prefix_affinity_the_same_requests_spread(upstreams, router_factory, bundled_tokenizer):
+    router = router_factory(upstreams, weights=ScoringWeights(prefix_affinity=False),
+                            prompt_hasher=PromptHasher(bundled_tokenizer))
+    answered_by = [ask(router, question) for question in QUESTIONS]
+    assert set(answered_by) == {"alpha", "beta"}
+    assert router.metric("orca:router_prefix_affinity_total") == 0  # not consulted at all
+
+
+def test_without_a_tokenizer_requests_route_by_score_alone(upstreams, router_factory):
+    router = router_factory(upstreams)  # no prompt hasher: what --tokenizer none gives
+    answered_by = [ask(router, question) for question in QUESTIONS]
+    assert set(answered_by) == {"alpha", "beta"}
+    assert router.metric("orca:router_prefix_affinity_total") == 0
+
+
+def test_the_router_tokenizes_prompts_exactly_as_the_engine_does(bundled_tokenizer):
+    tokenizer, hasher = bundled_tokenizer, PromptHasher(bundled_tokenizer)
+    messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": [{"type": "text", "text": "Do you "}, {"type": "text", "text": "rake?"}]}]
+    body = json.dumps({"model": "m", "messages": messages}).encode()
+    engine_ids = tokenizer.encode(tokenizer.apply_chat_template([
+        {"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "Do you rake?"}]), False)
+    assert hasher.token_ids(CHAT_PATH, body) == engine_ids  # serving_chat.py: template, no special tokens
+    assert len(hasher.hashes(CHAT_PATH, body)) == len(engine_ids) // 16
+
+    text = "<|im_start|>user\nSpecial tokens inline and naïve café 🚀" + SYSTEM_PROMPT
+    for prompt in (text, [text, "second prompt"]):
+        body = json.dumps({"model": "m", "prompt": prompt}).encode()
+        assert hasher.token_ids(COMPLETIONS_PATH, body) == tokenizer.encode(text)  # make_sequence's encode
+    for prompt in ([5, 6, 7], [[5, 6, 7], [8]]):
+        assert hasher.token_ids(COMPLETIONS_PATH, json.dumps({"model": "m", "prompt": prompt}).encode()) == [5, 6, 7]
+    for bad in (b"not json", b"[1]", b'{"prompt": "no model"}', b'{"model": "m", "prompt": []}',
+                b'{"model": "m", "messages": [{"role": "nobody", "content": "x"}]}'):
+        assert not hasher.hashes(COMPLETIONS_PATH if b"prompt" in bad else CHAT_PATH, bad), bad
+    assert hasher.token_ids("/v1/models", body) is None
+
+
+def test_the_router_tokenizer_loads_without_torch() -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from orca.operator.router.prompts import load_tokenizer
+from orca.operator.router.proxy import build_app
+assert load_tokenizer("bundled").encode("Hello, world!")
+assert "torch" not in sys.modules, "torch was imported"
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONSAFEPATH": "1"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("ok")
+
+
 # --- the replica sources and the flags, without a server ---
 
 def endpoints_object(ready: list[tuple[str, str]], not_ready: list[tuple[str, str]],
@@ -445,6 +553,12 @@ def test_parse_load_sums_the_engine_gauges_over_label_sets() -> None:
     (["--upstream", "https://127.0.0.1:1"], "--upstream"), (["--upstream", "http://127.0.0.1:1/v1"], "--upstream"),
     (["--upstream", "http://127.0.0.1:1", "--namespace", "ns"], "--namespace"),
     (["--service", "od-engine", "--scrape-interval", "0"], "--scrape-interval"),
+    (["--service", "od-engine", "--waiting-weight", "-1"], "--waiting-weight"),
+    (["--service", "od-engine", "--running-weight", "nan"], "--running-weight"),
+    (["--service", "od-engine", "--kv-cache-weight", "-0.5"], "--kv-cache-weight"),
+    (["--service", "od-engine", "--affinity-bound", "-1"], "--affinity-bound"),
+    (["--service", "od-engine", "--block-size", "0"], "--block-size"),
+    (["--service", "od-engine", "--tokenizer", "/no/such/model.gguf"], "--tokenizer"),
 ])
 def test_a_bad_flag_combination_is_one_clear_error_naming_the_flag(argv, flag, capsys) -> None:
     from orca.engine.cli import main
@@ -467,6 +581,24 @@ def test_the_namespace_defaults_to_pod_namespace(monkeypatch) -> None:
     monkeypatch.delenv("POD_NAMESPACE")
     source = endpoint_source(parser.parse_args(["router", "--service", "od-engine", "--namespace", "other"]))
     assert source.namespace == "other"  # type: ignore[attr-defined]
+
+
+def test_the_scoring_flags_default_to_the_documented_values() -> None:
+    import argparse
+
+    from orca.operator.router.main import add_router_args
+
+    parser = argparse.ArgumentParser()
+    add_router_args(parser.add_subparsers())
+    args = parser.parse_args(["router", "--service", "od-engine"])
+    assert (args.waiting_weight, args.running_weight, args.kv_cache_weight, args.affinity_bound) == (1.0, 1.0, 4.0, 4.0)
+    assert (args.prefix_affinity, args.block_size, args.tokenizer) == (True, 16, "bundled")
+    defaults = ScoringWeights()
+    assert (defaults.waiting_weight, defaults.running_weight, defaults.kv_cache_weight, defaults.affinity_bound,
+            defaults.prefix_affinity) == (1.0, 1.0, 4.0, 4.0, True)
+    args = parser.parse_args(["router", "--service", "od-engine", "--no-prefix-affinity", "--tokenizer", "none",
+                              "--block-size", "32", "--kv-cache-weight", "0"])
+    assert (args.prefix_affinity, args.tokenizer, args.block_size, args.kv_cache_weight) == (False, "none", 32, 0.0)
 
 
 def test_router_help_and_flag_errors_import_no_server_or_kubernetes_library() -> None:

@@ -4,14 +4,16 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING, TypeAlias
 
 from ..bundled_model import bundled_model_path
 from ..config import LOAD_FORMATS, ModelConfig
 from ..tokenizer import Tokenizer
 
-WeightIterator = Iterator[tuple[str, torch.Tensor]]
+if TYPE_CHECKING:  # torch stays out of the import, so the torch-free `gguf_tokenizer` can live here
+    import torch
+
+WeightIterator: TypeAlias = Iterator[tuple[str, "torch.Tensor"]]
 WeightFilter = Callable[[str], bool]  # which checkpoint names to read: a pipeline stage skips the others'
 
 

@@ -1,19 +1,18 @@
-"""Load a llama.cpp GGUF file: metadata -> ModelConfig and tokenizer, dequantized tensors -> HF-named weights."""
+"""Load a llama.cpp GGUF file: metadata -> ModelConfig and tokenizer, dequantized tensors -> HF-named weights.
+
+The tokenizer half lives in the torch-free `gguf_tokenizer`, which the router uses on its own.
+"""
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import gguf
-import numpy as np
 import torch
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-from tokenizers import Tokenizer as BackendTokenizer
 from tqdm import tqdm
 
 from ..config import ModelConfig
-from ..tokenizer import Tokenizer
 from . import LoadedModel, WeightFilter, WeightIterator
+from .gguf_tokenizer import GGUFMetadata, eos_token_ids, tokenizer_from_metadata
 
 # llama.cpp tensor name -> Hugging Face Llama name.
 _GLOBAL_NAMES = {
@@ -34,20 +33,9 @@ _LAYER_NAMES = {
 }
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
-# Split regexes for `tokenizer.ggml.pre` values whose merges were not learned on GPT-2's split.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_PRE_TOKENIZER_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT}
-
-_TOKEN_CONTROL = 3  # gguf.TokenType.CONTROL
-_TOKEN_USER_DEFINED = 4  # gguf.TokenType.USER_DEFINED
-
-
 def load_gguf(path: str) -> LoadedModel:
     reader = gguf.GGUFReader(path)
-    meta = _Metadata(reader)
+    meta = GGUFMetadata(reader)
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise NotImplementedError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama').")
@@ -57,7 +45,6 @@ def load_gguf(path: str) -> LoadedModel:
     names = {t.name: _hf_name(t.name) for t in reader.tensors}
     num_heads = meta.get("llama.attention.head_count")
     hidden = meta.get("llama.embedding_length")
-    eos_ids = [meta.get(k, None) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
     config = ModelConfig(
         vocab_size=meta.get("llama.vocab_size", len(meta.get("tokenizer.ggml.tokens"))),
         hidden_size=hidden,
@@ -71,7 +58,7 @@ def load_gguf(path: str) -> LoadedModel:
         max_position=meta.get("llama.context_length", 2048),
         tie_word_embeddings="lm_head.weight" not in names.values(),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id", None),
-        eos_token_ids=list(dict.fromkeys(i for i in eos_ids if i is not None)),
+        eos_token_ids=eos_token_ids(meta),
     )
 
     def weights(wanted: WeightFilter | None = None) -> WeightIterator:
@@ -80,24 +67,7 @@ def load_gguf(path: str) -> LoadedModel:
             if wanted is None or wanted(name):  # another stage's tensors are never dequantized
                 yield name, _to_hf_layout(name, _dequantize(tensor), config)
 
-    return LoadedModel(config, weights, len(names), _tokenizer(meta, config.eos_token_ids, path))
-
-
-class _Metadata:
-    """GGUF key/value fields as plain Python values."""
-
-    _MISSING = object()
-
-    def __init__(self, reader: gguf.GGUFReader) -> None:
-        self._fields = reader.fields
-
-    def get(self, key: str, default: Any = _MISSING) -> Any:
-        field = self._fields.get(key)
-        if field is not None:
-            return field.contents()
-        if default is _Metadata._MISSING:
-            raise KeyError(f"GGUF metadata key {key!r} is missing.")
-        return default
+    return LoadedModel(config, weights, len(names), tokenizer_from_metadata(meta, config.eos_token_ids, path))
 
 
 def _hf_name(name: str) -> str:
@@ -135,46 +105,3 @@ def _to_hf_layout(name: str, weight: torch.Tensor, config: ModelConfig) -> torch
         return weight
     rows = weight.shape[0]
     return weight.reshape(heads, rows // heads // 2, 2, -1).transpose(1, 2).reshape(rows, -1).contiguous()
-
-
-def _tokenizer(meta: _Metadata, eos_token_ids: list[int], path: str) -> Tokenizer:
-    """Rebuild the tokenizer the way transformers' GGUF converter does, so token ids match it."""
-    kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise NotImplementedError(f"{path}: GGUF tokenizer {kind!r} is not supported (only byte-level BPE 'gpt2').")
-    tokens: list[str] = meta.get("tokenizer.ggml.tokens")
-    merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges")]
-    backend = BackendTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    split = _PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre", None))
-    if split is None:
-        # transformers keeps GPT-2's split regex for `tokenizer.ggml.pre` names it does not know,
-        # SmolLM2's "smollm" among them; we match it.
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(split), behavior="isolated"),
-             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-        )
-    backend.decoder = decoders.ByteLevel()
-    types = meta.get("tokenizer.ggml.token_type", [])
-    backend.add_special_tokens(
-        [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types) if k == _TOKEN_CONTROL]
-    )
-    backend.add_tokens(
-        [AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types) if k == _TOKEN_USER_DEFINED]
-    )
-
-    def token(key: str) -> str | None:
-        token_id = meta.get(key, None)
-        return tokens[token_id] if token_id is not None else None
-
-    return Tokenizer(
-        backend,
-        bos_token=token("tokenizer.ggml.bos_token_id"),
-        eos_token=token("tokenizer.ggml.eos_token_id"),
-        eos_token_ids=eos_token_ids,
-        chat_template=meta.get("tokenizer.chat_template", None),
-        # Byte-level vocabularies add no BOS unless the file asks (transformers and llama.cpp agree).
-        add_bos_token=meta.get("tokenizer.ggml.add_bos_token", False),
-        add_eos_token=meta.get("tokenizer.ggml.add_eos_token", False),
-    )

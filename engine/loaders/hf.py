@@ -26,13 +26,8 @@ _IGNORED_WEIGHT = re.compile(r".*rotary_emb\.inv_freq")
 def load_hf(path: str) -> LoadedModel:
     cfg = _read_json(path, "config.json")
     tok_cfg = _read_json(path, "tokenizer_config.json", required=False)
-    eos_token = _token_content(tok_cfg.get("eos_token"))
     backend = _backend_tokenizer(path)
-    generation = _read_json(path, "generation_config.json", required=False)
-    extra_eos_ids = _ids(generation.get("eos_token_id"))
-    if eos_token is not None and backend.token_to_id(eos_token) is not None:
-        extra_eos_ids.append(backend.token_to_id(eos_token))
-    config = parse_config(cfg, path, extra_eos_ids)
+    config = parse_config(cfg, path, _extra_eos_token_ids(path, tok_cfg, backend))
 
     tensor_files = _tensor_files(path)
     names = []
@@ -55,16 +50,39 @@ def load_hf(path: str) -> LoadedModel:
                         yield name, f.get_tensor(name).float()
                         progress.update()
 
-    tokenizer = Tokenizer(
+    return LoadedModel(config, weights, len(names), _tokenizer(path, tok_cfg, backend, config.eos_token_ids))
+
+
+def load_hf_tokenizer(path: str) -> Tokenizer:
+    """The tokenizer `load_hf(path)` would give, from the JSON files alone (no tensor, no torch), for
+    processes that only tokenize, such as the router. Any model type, or no config.json, is accepted."""
+    cfg = _read_json(path, "config.json", required=False)
+    tok_cfg = _read_json(path, "tokenizer_config.json", required=False)
+    backend = _backend_tokenizer(path)
+    eos_token_ids = list(dict.fromkeys([*_ids(cfg.get("eos_token_id")), *_extra_eos_token_ids(path, tok_cfg, backend)]))
+    return _tokenizer(path, tok_cfg, backend, eos_token_ids)
+
+
+def _extra_eos_token_ids(path: str, tok_cfg: dict[str, Any], backend: BackendTokenizer) -> list[int]:
+    """End-of-sequence ids beyond config.json's: generation_config.json's, then the tokenizer's eos token."""
+    eos_token = _token_content(tok_cfg.get("eos_token"))
+    generation = _read_json(path, "generation_config.json", required=False)
+    extra_eos_ids = _ids(generation.get("eos_token_id"))
+    if eos_token is not None and backend.token_to_id(eos_token) is not None:
+        extra_eos_ids.append(backend.token_to_id(eos_token))
+    return extra_eos_ids
+
+
+def _tokenizer(path: str, tok_cfg: dict[str, Any], backend: BackendTokenizer, eos_token_ids: list[int]) -> Tokenizer:
+    return Tokenizer(
         backend,
         bos_token=_token_content(tok_cfg.get("bos_token")),
-        eos_token=eos_token,
-        eos_token_ids=config.eos_token_ids,
+        eos_token=_token_content(tok_cfg.get("eos_token")),
+        eos_token_ids=eos_token_ids,
         chat_template=_chat_template(path, tok_cfg),
         add_bos_token=tok_cfg.get("add_bos_token"),
         add_eos_token=tok_cfg.get("add_eos_token"),
     )
-    return LoadedModel(config, weights, len(names), tokenizer)
 
 
 def parse_config(cfg: dict[str, Any], path: str, extra_eos_token_ids: list[int] | None = None) -> ModelConfig:

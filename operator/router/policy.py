@@ -1,13 +1,18 @@
 """Which replica takes the next request: a pure function of what the router last learned about each.
 
-Kept free of I/O and clocks (the caller passes `now`) so every rule is a unit test. The score is
-`load` alone for now; a later policy can weigh `kv_cache_usage` and prefix affinity by replacing
-`load` with a score and keeping `pick`'s eligibility and tie-breaking as they are.
+Kept free of I/O and clocks (the caller passes `now`) so every rule is a unit test. Each eligible
+replica gets a score (lower is better) from its queue, its running batch and its KV cache use; a
+request whose prompt prefix a replica likely still has cached goes there unless that replica is
+clearly busier than the best one (the idea of llm-d's endpoint picker: prefix, queue and KV scorers).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
+
+AffinityOutcome = Literal["hit", "overridden", "miss"]
+AFFINITY_OUTCOMES: tuple[AffinityOutcome, ...] = ("hit", "overridden", "miss")
 
 
 @dataclass
@@ -38,18 +43,91 @@ def is_eligible(replica: ReplicaState, exclude: set[str], now: float) -> bool:
             and replica.address not in exclude and replica.failed_until <= now)
 
 
-def load(replica: ReplicaState) -> float:
-    """Requests the replica has or is about to have, including those routed since its gauges were read."""
-    return replica.num_requests_running + replica.num_requests_waiting + replica.routed_since_scrape
+@dataclass(frozen=True)
+class ScoringWeights:
+    """How much each signal adds to a replica's score, and how prefix affinity weighs against it.
+
+    A waiting request and a running one each count 1: both are work the replica must get through
+    before (or while) it serves the new one, and the engine's scheduler admits waiting requests as
+    running ones finish. KV usage (0..1) weighs 4: a nearly full cache means the engine must soon
+    queue or preempt requests (and recompute their KV), which costs more than one more request in
+    the batch, so a full cache counts like four queued requests. With the bound also 4, the holder
+    of a prefix keeps it even with a full cache against empty ones when the queues are equal: a
+    cached prefix shares its blocks rather than taking new ones.
+
+    `affinity_bound`: how much worse than the best score the replica holding a request's prefix
+    may be and still get it. Skipping a cached prefill saves about as much as a few requests'
+    queueing, so 4; beyond that, load wins and a hot prefix cannot pile onto one replica.
+    """
+
+    waiting_weight: float = 1.0
+    running_weight: float = 1.0
+    kv_cache_weight: float = 4.0
+    prefix_affinity: bool = True
+    affinity_bound: float = 4.0
+
+    def __post_init__(self) -> None:
+        for name in ("waiting_weight", "running_weight", "kv_cache_weight", "affinity_bound"):
+            value = getattr(self, name)
+            if not value >= 0:  # NaN fails too
+                raise ValueError(f"{name} must be >= 0, got {value}")
 
 
-def pick(replicas: Iterable[ReplicaState], exclude: set[str], round_robin_counter: int,
-         now: float) -> ReplicaState | None:
-    """The least-loaded eligible replica; among equals the counter rotates, so equal replicas share
-    traffic evenly instead of the first one in some order taking it all."""
+DEFAULT_WEIGHTS = ScoringWeights()
+
+
+@dataclass(frozen=True)
+class PrefixMatch:
+    """The prefix index's answer for a request: the replica that last served its longest known prefix."""
+
+    address: str
+    num_blocks: int  # leading blocks of the request's prompt that replica served
+
+
+@dataclass(frozen=True)
+class Choice:
+    replica: ReplicaState
+    affinity: AffinityOutcome | None  # None: affinity was not consulted (off, or no prompt to hash)
+
+
+def score(replica: ReplicaState, weights: ScoringWeights = DEFAULT_WEIGHTS) -> float:
+    """Lower is better. Requests routed since the last scrape count as running: the gauges do not
+    show them yet, and without them every request between two scrapes would go to one replica."""
+    return (weights.waiting_weight * replica.num_requests_waiting
+            + weights.running_weight * (replica.num_requests_running + replica.routed_since_scrape)
+            + weights.kv_cache_weight * (replica.kv_cache_usage or 0.0))
+
+
+def choose(replicas: Iterable[ReplicaState], exclude: set[str], round_robin_counter: int, now: float,
+           weights: ScoringWeights = DEFAULT_WEIGHTS, block_hashes: Sequence[int] = (),
+           prefix_match: PrefixMatch | None = None) -> Choice | None:
+    """The replica for a request whose prompt has `block_hashes`, `prefix_match` being the prefix
+    index's answer for them.
+
+    The holder of the matched prefix wins when it is eligible and its score is within
+    `affinity_bound` of the best eligible score; otherwise the best score wins, the round-robin
+    counter rotating among equals, so equal replicas share traffic instead of one taking it all.
+    """
     eligible = [replica for replica in replicas if is_eligible(replica, exclude, now)]
     if not eligible:
         return None
-    least = min(load(replica) for replica in eligible)
-    tied = sorted((replica for replica in eligible if load(replica) == least), key=lambda replica: replica.address)
-    return tied[round_robin_counter % len(tied)]
+    scores = {replica.address: score(replica, weights) for replica in eligible}
+    best = min(scores.values())
+    consulted = weights.prefix_affinity and len(block_hashes) > 0
+    if consulted and prefix_match is not None:
+        holder = next((replica for replica in eligible if replica.address == prefix_match.address), None)
+        if holder is not None and scores[holder.address] <= best + weights.affinity_bound:
+            return Choice(holder, "hit")
+    tied = sorted((replica for replica in eligible if scores[replica.address] == best),
+                  key=lambda replica: replica.address)
+    outcome: AffinityOutcome | None = None
+    if consulted:
+        outcome = "miss" if prefix_match is None else "overridden"
+    return Choice(tied[round_robin_counter % len(tied)], outcome)
+
+
+def pick(replicas: Iterable[ReplicaState], exclude: set[str], round_robin_counter: int, now: float,
+         weights: ScoringWeights = DEFAULT_WEIGHTS) -> ReplicaState | None:
+    """The best-scored eligible replica, for a request without a prompt prefix."""
+    choice = choose(replicas, exclude, round_robin_counter, now, weights)
+    return choice.replica if choice is not None else None

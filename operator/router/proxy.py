@@ -1,16 +1,19 @@
 """The router's HTTP face: OpenAI's endpoints proxied to one replica each, plus its own probes.
 
-Bodies pass through as bytes, both ways: the router never parses a request or buffers a response,
-so a streamed completion reaches the client token by token and the router stays model-agnostic.
+Bodies pass through as bytes, both ways: the router never rewrites a request or buffers a response,
+so a streamed completion reaches the client token by token. With prefix affinity on it does read a
+completion's or chat's prompt (tokenized in a worker thread, see `prompts`) to choose the replica
+likely to hold its prefix in cache; what it forwards is still the client's bytes.
 A request moves to another replica only while nothing has reached the client yet (the replica
 refused the connection, dropped it before answering, or answered 503 because it is draining), so a
 retry can never duplicate output the client already saw.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import anyio
@@ -25,6 +28,7 @@ from orca.engine.server.errors import APIError, add_error_handlers, error_respon
 
 from .metrics import NO_REPLICA, RouterMetrics
 from .policy import ReplicaState
+from .prompts import CHAT_PATH, COMPLETIONS_PATH, PromptHasher
 from .replicas import ReplicaSet
 
 log = logging.getLogger("orca.router")
@@ -78,8 +82,12 @@ def no_replica_response(num_replicas: int, num_tried: int) -> Response:
                                    headers={"Retry-After": RETRY_AFTER_SECONDS}))
 
 
-def build_app(replica_set: ReplicaSet, metrics: RouterMetrics | None = None, connect_timeout: float = 5.0) -> FastAPI:
+def build_app(replica_set: ReplicaSet, metrics: RouterMetrics | None = None, connect_timeout: float = 5.0,
+              prompt_hasher: PromptHasher | None = None) -> FastAPI:
+    """`prompt_hasher` None (no tokenizer) or `replica_set.weights.prefix_affinity` off: every
+    request routes by score alone, and no prompt is ever tokenized."""
     metrics = metrics or RouterMetrics(replica_set.num_available)
+    hasher = prompt_hasher if replica_set.weights.prefix_affinity else None
     # No read timeout: a long generation may take minutes before its headers (non-streamed) or
     # between tokens under load; a dead replica is noticed by its connection and by the scraper.
     client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=connect_timeout),
@@ -94,7 +102,7 @@ def build_app(replica_set: ReplicaSet, metrics: RouterMetrics | None = None, con
             await replica_set.stop()
             await client.aclose()
 
-    app = FastAPI(title="Orca router", summary="Routes OpenAI requests to the least-loaded Orca replica",
+    app = FastAPI(title="Orca router", summary="Routes OpenAI requests to the best-scored Orca replica",
                   lifespan=lifespan)
     app.state.replica_set, app.state.metrics = replica_set, metrics
     add_error_handlers(app)
@@ -117,11 +125,21 @@ def build_app(replica_set: ReplicaSet, metrics: RouterMetrics | None = None, con
             return None
         return upstream
 
-    async def route(method: str, target: str, body: bytes, headers: dict[str, str], count_load: bool) -> Response:
+    async def prompt_hashes(path: str, body: bytes) -> Sequence[int]:
+        if hasher is None or path not in (COMPLETIONS_PATH, CHAT_PATH):
+            return ()
+        return await asyncio.to_thread(hasher.hashes, path, body)
+
+    async def route(method: str, path: str, target: str, body: bytes, headers: dict[str, str],
+                    count_load: bool) -> Response:
+        block_hashes = await prompt_hashes(path, body)
         tried: set[str] = set()
-        while (replica := replica_set.pick(tried, count_load)) is not None:
+        while (choice := replica_set.pick(tried, count_load, block_hashes)) is not None:
+            replica = choice.replica
             if tried:
                 metrics.retries.inc()
+            elif choice.affinity is not None:  # the first pick only: a retry says nothing of the prefix
+                metrics.prefix_affinity.labels(choice.affinity).inc()
             tried.add(replica.address)
             request = client.build_request(method, f"http://{replica.address}{target}", content=body or None,
                                            headers=headers)
@@ -146,7 +164,8 @@ def build_app(replica_set: ReplicaSet, metrics: RouterMetrics | None = None, con
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         # Until the replica's headers come back the client's hang-up is only seen this way; the
         # cancelled send closes the upstream connection, which aborts the request in the engine.
-        return await unless_disconnected(request, route(request.method, target, body, headers, count_load))
+        return await unless_disconnected(request, route(request.method, request.url.path, target, body, headers,
+                                                        count_load))
 
     @app.get("/health")
     async def health() -> Response:

@@ -2,8 +2,8 @@
 
 Kubernetes readiness lags (the kubelet probes every few seconds, then the Endpoints update has to
 propagate), so the router probes each replica itself every `scrape_interval`: `/ready` tells it a
-replica is draining as soon as SIGTERM arrives, and `/metrics` gives the queue lengths the policy
-balances on. A replica that cannot be scraped gets no traffic: an unknown load is not a zero load.
+replica is draining as soon as SIGTERM arrives, and `/metrics` gives the queue lengths and KV usage
+the policy scores. A replica that cannot be scraped gets no traffic: an unknown load is not a zero load.
 
 Everything here runs on the event loop (the Endpoints thread hands its lists over with
 `call_soon_threadsafe`), so the states need no locks.
@@ -13,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import policy
 from .endpoints import Endpoint, EndpointSource
-from .policy import ReplicaState
+from .policy import Choice, ReplicaState, ScoringWeights
+from .prefix import PrefixIndex
 
 log = logging.getLogger("orca.router")
 
@@ -40,9 +42,11 @@ def parse_load(text: str) -> tuple[float, float, float | None]:
 
 class ReplicaSet:
     def __init__(self, source: EndpointSource, scrape_interval: float = 1.0, scrape_timeout: float = 1.0,
-                 failure_cooldown: float = 5.0) -> None:
+                 failure_cooldown: float = 5.0, weights: ScoringWeights = policy.DEFAULT_WEIGHTS,
+                 prefix_index: PrefixIndex | None = None) -> None:
         self.source, self.scrape_interval, self.scrape_timeout = source, scrape_interval, scrape_timeout
-        self.failure_cooldown = failure_cooldown
+        self.failure_cooldown, self.weights = failure_cooldown, weights
+        self.prefix_index = prefix_index if prefix_index is not None else PrefixIndex()
         self.replicas: dict[str, ReplicaState] = {}
         self.synced = False  # the source has listed and the first probe round over that list finished
         self.round_robin_counter = 0
@@ -67,13 +71,21 @@ class ReplicaSet:
 
     # --- routing (from the proxy) ---
 
-    def pick(self, exclude: set[str], count_load: bool = True) -> ReplicaState | None:
-        """`count_load=False` for requests that cost the engine nothing (/v1/models)."""
-        replica = policy.pick(list(self.replicas.values()), exclude, self.round_robin_counter, time.monotonic())
+    def pick(self, exclude: set[str], count_load: bool = True, block_hashes: Sequence[int] = ()) -> Choice | None:
+        """`count_load=False` for requests that cost the engine nothing (/v1/models). The chosen
+        replica is recorded as the holder of `block_hashes` (the request's prompt prefix) at once,
+        so the next request sharing it follows even before this one finishes."""
+        affinity = self.weights.prefix_affinity and len(block_hashes) > 0
+        choice = policy.choose(list(self.replicas.values()), exclude, self.round_robin_counter, time.monotonic(),
+                               self.weights, block_hashes,
+                               self.prefix_index.lookup(block_hashes) if affinity else None)
         self.round_robin_counter += 1
-        if replica is not None and count_load:
-            replica.routed_since_scrape += 1
-        return replica
+        if choice is not None:
+            if count_load:
+                choice.replica.routed_since_scrape += 1
+            if affinity:
+                self.prefix_index.record(block_hashes, choice.replica.address)
+        return choice
 
     def mark_failed(self, replica: ReplicaState) -> None:
         """Keep a replica that refused a connection out until the cooldown ends, even if a probe
