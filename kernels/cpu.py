@@ -7,6 +7,7 @@ falls back to the portable torch backend.
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import logging
 import os
@@ -20,6 +21,7 @@ _SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", name)
 # Fast-math lets the compiler vectorize the dot-product reductions and exp; -march=native is safe
 # because the build is cached per machine (torch keys the cache on the flags and sources).
 _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+_NAME = "orca_cpu_kernels"
 
 
 @functools.cache
@@ -29,9 +31,18 @@ def load() -> ModuleType | None:
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     try:
-        from torch.utils.cpp_extension import load as build
+        from torch.utils.cpp_extension import _get_build_directory, load as build
 
-        return build("orca_cpu_kernels", _SOURCES, extra_cflags=_CFLAGS, verbose=False)
+        # torch's build lock is a plain file: a process killed while holding it (even while loading an
+        # up-to-date build) leaves every later one waiting forever. An flock dies with its holder, so
+        # whoever holds it is alone and may clear a lock file left behind.
+        directory = _get_build_directory(_NAME, verbose=False)
+        with open(os.path.join(directory, "orca.flock"), "w") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            stale = os.path.join(directory, "lock")
+            if os.path.exists(stale):
+                os.remove(stale)
+            return build(_NAME, _SOURCES, extra_cflags=_CFLAGS, verbose=False)
     except Exception as e:  # no compiler, no ninja, unsupported platform: stay correct, just slower
         log.warning("CPU kernels unavailable (%s); using torch ops, which are slower", e)
         return None

@@ -47,6 +47,9 @@ class Applier:
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         self.dynamic.delete(api_version, kind, namespace, name)
 
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> Obj | None:
+        return self.dynamic.get(api_version, kind, namespace, name) if name else None
+
     def list(self, api_version: str, kind: str, namespace: str, selector: str) -> list[Obj]:
         return self.dynamic.list(api_version, kind, namespace, selector)
 

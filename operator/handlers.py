@@ -1,6 +1,7 @@
 """kopf handlers: one reconcile for every event of an OrcaDeployment, plus a timer that repairs
-drift (a deleted or hand-edited child) and keeps the status in step with the children; and a
-pod watch that labels each engine pod with its pipeline stage, which the engine Service selects."""
+drift (a deleted or hand-edited child) and keeps the status in step with the children; the
+autoscaler's timer; and a pod watch that labels each engine pod with its pipeline stage and
+whether it serves, which the engine Service selects."""
 from __future__ import annotations
 
 import datetime
@@ -12,8 +13,10 @@ from kubernetes import client, config
 
 from . import render
 from .apply import Applier
+from .scaling import ScalingMemory, autoscale_step
 
 RESYNC_SECONDS = 5.0
+AUTOSCALE_SECONDS = 2.0
 
 
 @functools.cache
@@ -58,23 +61,52 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None
     for obj in render.children(od, pdb_api_version()):
         if ap.apply(obj) != "unchanged":
             logger.info("%s %s/%s", "applied", obj["kind"], obj["metadata"]["name"])
+    draining = _draining_replica(body.get("status"))
     for pod in ap.list("v1", "Pod", od["metadata"]["namespace"], render.engine_selector(od["metadata"]["name"])):
-        _label_stage(ap, pod, logger)  # repairs a pod whose event the watch below missed
+        _label_engine_pod(ap, pod, draining, logger)  # repairs a pod whose event the watch below missed
     groups = _prune_and_count(ap, od)
     _set_status(patch, old, generation, body, ready_groups=groups, error=None)
 
 
+def _autoscaling_enabled(spec: kopf.Spec, **_: Any) -> bool:
+    return bool((spec.get("autoscaling") or {}).get("enabled"))
+
+
+@kopf.timer(render.GROUP, render.VERSION, render.PLURAL, interval=AUTOSCALE_SECONDS, initial_delay=AUTOSCALE_SECONDS,
+            when=_autoscaling_enabled)
+async def autoscale(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+    """The autoscaler (a timer, as dask-kubernetes runs its own); only while spec.autoscaling.enabled."""
+    try:
+        render.validate(dict(body["spec"]))
+    except render.SpecError:
+        return  # reconcile reports it as Degraded
+    if "scaling" not in memo:
+        memo["scaling"] = ScalingMemory()
+    await autoscale_step(body, patch, memo["scaling"], applier(), logger)
+
+
 @kopf.on.event("", "v1", "pods", labels=render.ENGINE_POD_LABELS)
 def label_engine_pod(event: kopf.RawEvent, body: kopf.Body, logger: Any, **_: Any) -> None:
-    if event["type"] != "DELETED":
-        _label_stage(applier(), {"metadata": dict(body["metadata"])}, logger)
+    if event["type"] == "DELETED":
+        return
+    meta = body["metadata"]
+    ap = applier()
+    owner = ap.get(f"{render.GROUP}/{render.VERSION}", render.KIND, meta["namespace"],
+                   (meta.get("labels") or {}).get("app.kubernetes.io/instance", ""))
+    _label_engine_pod(ap, {"metadata": dict(meta)}, _draining_replica((owner or {}).get("status")), logger)
 
 
-def _label_stage(ap: Applier, pod: render.Obj, logger: Any) -> None:
-    """Label one engine pod with its stage; a pod named without an ordinal is not a stage and is left be."""
+def _draining_replica(status: render.Obj | None) -> int | None:
+    scale_down = (status or {}).get("scaleDown")
+    return int(scale_down["replica"]) if scale_down else None
+
+
+def _label_engine_pod(ap: Applier, pod: render.Obj, draining: int | None, logger: Any) -> None:
+    """Label one engine pod with its stage and whether it serves; a pod named without an ordinal is
+    not a stage and is left be."""
     meta = pod["metadata"]
     try:
-        patch = render.stage_label_patch(pod)
+        patch = render.engine_pod_label_patch(pod, draining)
     except ValueError as e:
         logger.warning("engine pod %s/%s: %s", meta["namespace"], meta["name"], e)
         return
@@ -87,10 +119,10 @@ def _prune_and_count(ap: Applier, od: render.Obj) -> int:
     """Delete replica groups beyond spec.replicas; return how many groups have all stages ready."""
     meta, spec = od["metadata"], od["spec"]
     replicas, pipeline = int(spec.get("replicas", 1)), render.parallelism(spec)[1]
-    selector = f"{render.engine_selector(meta['name'])},orca.dev/replica"
+    selector = f"{render.engine_selector(meta['name'])},{render.REPLICA_LABEL}"
     ready = 0
     for sts in ap.list("apps/v1", "StatefulSet", meta["namespace"], selector):
-        replica = int(sts["metadata"]["labels"]["orca.dev/replica"])
+        replica = int(sts["metadata"]["labels"][render.REPLICA_LABEL])
         if replica >= replicas:
             ap.delete("apps/v1", "StatefulSet", meta["namespace"], sts["metadata"]["name"])
             ap.delete("v1", "Service", meta["namespace"], sts["metadata"]["name"])

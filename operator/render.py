@@ -27,7 +27,11 @@ PRESTOP_SECONDS = 5
 STARTUP_SECONDS = 600  # the longest an engine may take to load its model before the kubelet restarts it
 # The image's non-root user (distroless' "nonroot"), numeric so the kubelet can check runAsNonRoot.
 RUN_AS_USER = 65532
-SCRATCH = "/tmp"  # the one writable path of every pod: HOME and caches live here
+SCRATCH = "/tmp"
+REPLICA_LABEL = "orca.dev/replica"
+# "false" on the pods of a replica group being drained for a scale-down: the engine Service stops
+# selecting them, so the router (and any other client of the Service) sends them nothing new.
+SERVING_LABEL = "orca.dev/serving"  # the one writable path of every pod: HOME and caches live here
 
 
 def pod_security_context() -> Obj:
@@ -105,7 +109,7 @@ def engine_args(spec: Obj) -> list[str]:
     args = ["serve", "--host", "0.0.0.0", "--port", str(PORT), "--served-model-name", model["name"],
             "--dtype", model.get("dtype", "auto"), "--drain-timeout", str(DRAIN_SECONDS)]
     if model.get("source", "bundled") == "path":
-        args += ["--model", f"/models/{model.get('path') or (model.get('pvc') or {}).get('path') or ''}".rstrip("/")]
+        args += ["--model", _model_path(model)]
     flags = {"maxBatchSize": "--max-batch-size", "maxNumBatchedTokens": "--max-num-batched-tokens",
              "kvCacheMemory": "--kv-cache-memory", "blockSize": "--block-size", "preemption": "--preemption"}
     for key, flag in flags.items():
@@ -114,6 +118,19 @@ def engine_args(spec: Obj) -> list[str]:
     if e.get("prefixCaching") is False:
         args.append("--no-prefix-caching")
     return args + list(e.get("args") or [])
+
+
+def _model_path(model: Obj) -> str:
+    return f"/models/{model.get('path') or (model.get('pvc') or {}).get('path') or ''}".rstrip("/")
+
+
+def _model_volume(model: Obj) -> tuple[Obj, Obj] | None:
+    """The volume and read-only mount of a model from a path (source=path), or None for the bundled one."""
+    if model.get("source", "bundled") != "path":
+        return None
+    volume = ({"name": "model", "persistentVolumeClaim": {"claimName": model["pvc"]["claimName"], "readOnly": True}}
+              if model.get("pvc") else {"name": "model", "hostPath": {"path": model["hostPath"]}})
+    return volume, {"name": "model", "mountPath": "/models", "readOnly": True}
 
 
 def configmap(od: Obj) -> Obj:
@@ -129,8 +146,8 @@ def group_name(od: Obj, replica: int) -> str:
 
 def headless_service(od: Obj, replica: int) -> Obj:
     group = group_name(od, replica)
-    selector = {**labels(od["metadata"]["name"], "engine"), "orca.dev/replica": str(replica)}
-    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(od, group, "engine", {"orca.dev/replica": str(replica)}),
+    selector = {**labels(od["metadata"]["name"], "engine"), REPLICA_LABEL: str(replica)}
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(od, group, "engine", {REPLICA_LABEL: str(replica)}),
             "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": selector,
                      "ports": [{"name": "http", "port": PORT, "targetPort": PORT, "protocol": "TCP"}]}}
 
@@ -146,7 +163,7 @@ def statefulset(od: Obj, replica: int) -> Obj:
     spec, name, ns = od["spec"], od["metadata"]["name"], od["metadata"]["namespace"]
     tp, pp = parallelism(spec)
     group = group_name(od, replica)
-    pod_labels = {**labels(name, "engine"), "orca.dev/replica": str(replica)}
+    pod_labels = {**labels(name, "engine"), REPLICA_LABEL: str(replica)}
     container: Obj = {
         "name": "engine", "image": spec.get("image", DEFAULT_IMAGE), "args": engine_args(spec),
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"},
@@ -171,12 +188,9 @@ def statefulset(od: Obj, replica: int) -> Obj:
         container["env"].append({"name": "ORCA_API_KEY", "valueFrom": {"secretKeyRef": {
             "name": ref["name"], "key": ref.get("key", "api-key")}}})
     pod: Obj = {"containers": [container], "terminationGracePeriodSeconds": DRAIN_SECONDS + PRESTOP_SECONDS + 10}
-    model = spec["model"]
-    if model.get("source", "bundled") == "path":
-        volume = ({"name": "model", "persistentVolumeClaim": {"claimName": model["pvc"]["claimName"], "readOnly": True}}
-                  if model.get("pvc") else {"name": "model", "hostPath": {"path": model["hostPath"]}})
-        pod["volumes"] = [volume]
-        container["volumeMounts"] = [{"name": "model", "mountPath": "/models", "readOnly": True}]
+    model_volume = _model_volume(spec["model"])
+    if model_volume:
+        pod["volumes"], container["volumeMounts"] = [model_volume[0]], [model_volume[1]]
     _harden(pod, container)
     spread = {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
                                                  "labelSelector": {"matchLabels": pod_labels}}}
@@ -188,7 +202,7 @@ def statefulset(od: Obj, replica: int) -> Obj:
         if spec.get(key):
             pod[key] = spec[key]
     return {"apiVersion": "apps/v1", "kind": "StatefulSet",
-            "metadata": _meta(od, group, "engine", {"orca.dev/replica": str(replica)}),
+            "metadata": _meta(od, group, "engine", {REPLICA_LABEL: str(replica)}),
             "spec": {"replicas": pp, "serviceName": group, "podManagementPolicy": "Parallel",
                      "selector": {"matchLabels": pod_labels},
                      "template": {"metadata": {"labels": pod_labels}, "spec": pod}}}
@@ -198,22 +212,44 @@ def engine_service(od: Obj) -> Obj:
     """Only stage 0 runs the scheduler and serves HTTP; the other stages are workers it drives."""
     name = od["metadata"]["name"]
     return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(od, f"{name}-engine", "engine"),
-            "spec": {"selector": {**labels(name, "engine"), contract.STAGE_LABEL: "0"},
+            "spec": {"selector": {**labels(name, "engine"), contract.STAGE_LABEL: "0", SERVING_LABEL: "true"},
                      "ports": [{"name": "http", "port": PORT, "targetPort": PORT, "protocol": "TCP"}]}}
 
 
-def stage_label_patch(pod: Obj) -> Obj | None:
-    """The merge patch that labels an engine pod with its stage, or None when it already carries it.
+def engine_pod_label_patch(pod: Obj, draining_replica: int | None = None) -> Obj | None:
+    """The merge patch that labels an engine pod with its stage and whether it serves, or None when
+    it already carries both.
 
     A StatefulSet stamps the same template labels on every pod, and Kubernetes before 1.28 adds no
-    pod-index label, so the operator labels each pod for the engine Service to select stage 0.
+    pod-index label, so the operator labels each pod for the engine Service to select stage 0; a pod
+    of the replica group being drained (`draining_replica`) serves no more, even once recreated.
     Raises ValueError for a pod name without an ordinal.
     """
     meta = pod["metadata"]
-    stage = str(contract.stage_of_pod(meta["name"]))
-    if (meta.get("labels") or {}).get(contract.STAGE_LABEL) == stage:
-        return None
-    return {"metadata": {"labels": {contract.STAGE_LABEL: stage}}}
+    have = meta.get("labels") or {}
+    replica = have.get(REPLICA_LABEL)
+    want = {contract.STAGE_LABEL: str(contract.stage_of_pod(meta["name"])),
+            SERVING_LABEL: "false" if replica is not None and replica == str(draining_replica) else "true"}
+    changed = {k: v for k, v in want.items() if have.get(k) != v}
+    return {"metadata": {"labels": changed}} if changed else None
+
+
+def router_args(od: Obj) -> list[str]:
+    """The router's flags: where its replicas are, and how it scores them (spec.router.scoring)."""
+    spec, name, namespace = od["spec"], od["metadata"]["name"], od["metadata"]["namespace"]
+    scoring = (spec.get("router") or {}).get("scoring") or {}
+    model = spec["model"]
+    tokenizer = "bundled" if model.get("source", "bundled") == "bundled" else _model_path(model)
+    args = ["router", "--port", str(PORT), "--service", f"{name}-engine", "--namespace", namespace,
+            "--block-size", str((spec.get("engine") or {}).get("blockSize", 16)), "--tokenizer", tokenizer]
+    flags = {"waitingWeight": "--waiting-weight", "runningWeight": "--running-weight",
+             "kvCacheWeight": "--kv-cache-weight", "affinityBound": "--affinity-bound"}
+    for key, flag in flags.items():
+        if key in scoring:
+            args += [flag, str(scoring[key])]
+    if scoring.get("prefixAffinity") is False:
+        args.append("--no-prefix-affinity")
+    return args
 
 
 def router_name(od: Obj) -> str:
@@ -239,10 +275,9 @@ def router_role_binding(od: Obj) -> Obj:
 
 
 def router_deployment(od: Obj) -> Obj:
-    spec, name, namespace = od["spec"], od["metadata"]["name"], od["metadata"]["namespace"]
+    spec, name = od["spec"], od["metadata"]["name"]
     sel = labels(name, "router")
-    container: Obj = {"name": "router", "image": spec.get("image", DEFAULT_IMAGE),
-                      "args": ["router", "--port", str(PORT), "--service", f"{name}-engine", "--namespace", namespace],
+    container: Obj = {"name": "router", "image": spec.get("image", DEFAULT_IMAGE), "args": router_args(od),
                       "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
                       "readinessProbe": {"httpGet": {"path": "/ready", "port": PORT, "scheme": "HTTP"},
                                          "periodSeconds": 5, "failureThreshold": 3, "timeoutSeconds": 2,
@@ -251,6 +286,9 @@ def router_deployment(od: Obj) -> Obj:
                                         "periodSeconds": 10, "failureThreshold": 3, "timeoutSeconds": 2,
                                         "successThreshold": 1}}
     pod: Obj = {"serviceAccountName": router_name(od), "containers": [container]}
+    model_volume = _model_volume(spec["model"])  # the router reads the model's tokenizer for prefix affinity
+    if model_volume:
+        pod["volumes"], container["volumeMounts"] = [model_volume[0]], [model_volume[1]]
     _harden(pod, container)
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(od, name, "router"),
             "spec": {"replicas": int((spec.get("router") or {}).get("replicas", 1)), "selector": {"matchLabels": sel},

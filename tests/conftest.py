@@ -125,3 +125,23 @@ def k8s():
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture(scope="module")
+def dev_cluster(tmp_path_factory):
+    """`orca dev cluster up` in a fresh state directory, once per module; `down` after it."""
+    from orca.operator.dev import cluster
+
+    state = tmp_path_factory.mktemp("dev-cluster")
+    plane = cluster.up(state)
+    try:
+        yield plane
+    finally:
+        cluster.down(state)
+
+
+@pytest.fixture(scope="module")
+def dev_core(dev_cluster):
+    from kubernetes import client, config
+
+    return client.CoreV1Api(config.new_client_from_config(str(dev_cluster.state_dir / "admin.kubeconfig")))

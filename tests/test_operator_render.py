@@ -66,10 +66,10 @@ def test_api_key_is_appended_to_the_contract_env() -> None:
     assert {"name": "ORCA_API_KEY", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "api-key"}}} in c["env"]
 
 
-def test_engine_service_routes_only_to_stage_0() -> None:
+def test_engine_service_routes_only_to_stage_0_of_serving_replicas() -> None:
     o = od(parallelism={"tensor": 1, "pipeline": 3})
     selector = render.engine_service(o)["spec"]["selector"]
-    assert selector == {**render.labels("m", "engine"), contract.STAGE_LABEL: "0"}
+    assert selector == {**render.labels("m", "engine"), contract.STAGE_LABEL: "0", render.SERVING_LABEL: "true"}
     template_labels = render.statefulset(o, 0)["spec"]["template"]["metadata"]["labels"]
     assert contract.STAGE_LABEL not in template_labels  # every stage shares the template; the operator labels pods
     assert render.ENGINE_POD_LABELS.items() <= template_labels.items()
@@ -79,23 +79,36 @@ def pod(name: str, **labels: str) -> dict:
     return {"metadata": {"name": name, "namespace": "ns", "labels": {"app.kubernetes.io/component": "engine", **labels}}}
 
 
+SERVES = {render.SERVING_LABEL: "true"}
+
+
 @pytest.mark.parametrize("labels,expected", [
-    ({}, {"metadata": {"labels": {contract.STAGE_LABEL: "2"}}}),
-    ({contract.STAGE_LABEL: "0"}, {"metadata": {"labels": {contract.STAGE_LABEL: "2"}}}),
-    ({contract.STAGE_LABEL: "2"}, None),
+    ({}, {"metadata": {"labels": {contract.STAGE_LABEL: "2", **SERVES}}}),
+    ({contract.STAGE_LABEL: "0", **SERVES}, {"metadata": {"labels": {contract.STAGE_LABEL: "2"}}}),
+    ({contract.STAGE_LABEL: "2", **SERVES}, None),
 ])
-def test_stage_label_patch(labels: dict, expected: dict | None) -> None:
-    assert render.stage_label_patch(pod("m-r1-2", **labels)) == expected
+def test_engine_pod_label_patch(labels: dict, expected: dict | None) -> None:
+    assert render.engine_pod_label_patch(pod("m-r1-2", **labels)) == expected
 
 
-def test_stage_label_patch_of_a_pod_without_labels() -> None:
-    assert render.stage_label_patch({"metadata": {"name": "m-r0-0"}}) == {"metadata": {"labels": {
-        contract.STAGE_LABEL: "0"}}}
+def test_a_draining_groups_pods_serve_no_more_even_once_recreated() -> None:
+    labelled = {contract.STAGE_LABEL: "0", render.REPLICA_LABEL: "1", **SERVES}
+    assert render.engine_pod_label_patch(pod("m-r1-0", **labelled), draining_replica=1) == {
+        "metadata": {"labels": {render.SERVING_LABEL: "false"}}}
+    fresh = {render.REPLICA_LABEL: "1"}  # the StatefulSet recreated a pod of the draining group
+    assert render.engine_pod_label_patch(pod("m-r1-0", **fresh), draining_replica=1)["metadata"]["labels"][
+        render.SERVING_LABEL] == "false"
+    assert render.engine_pod_label_patch(pod("m-r0-0", **{**labelled, render.REPLICA_LABEL: "0"}), 1) is None
 
 
-def test_stage_label_patch_needs_an_ordinal() -> None:
+def test_engine_pod_label_patch_of_a_pod_without_labels() -> None:
+    assert render.engine_pod_label_patch({"metadata": {"name": "m-r0-0"}}) == {"metadata": {"labels": {
+        contract.STAGE_LABEL: "0", **SERVES}}}
+
+
+def test_engine_pod_label_patch_needs_an_ordinal() -> None:
     with pytest.raises(ValueError, match="ORCA_POD_NAME"):
-        render.stage_label_patch(pod("m-r1-x"))
+        render.engine_pod_label_patch(pod("m-r1-x"))
 
 
 def test_cpu_only_resources_are_taken_as_given() -> None:
@@ -139,6 +152,15 @@ def test_router_reads_only_its_engine_endpoints() -> None:
     assert deployment["serviceAccountName"] == "m-router"
     args = deployment["containers"][0]["args"]
     assert args[args.index("--service") + 1] == "m-engine" and args[args.index("--namespace") + 1] == "ns"
+    assert args[args.index("--tokenizer") + 1] == "bundled" and "--no-prefix-affinity" not in args
+    scored = render.router_args(od(router={"scoring": {"waitingWeight": 2, "kvCacheWeight": 0, "prefixAffinity": False}},
+                                   engine={"blockSize": 32}))
+    assert scored[scored.index("--waiting-weight") + 1] == "2" and scored[scored.index("--kv-cache-weight") + 1] == "0"
+    assert "--no-prefix-affinity" in scored and scored[scored.index("--block-size") + 1] == "32"
+    path_model = od(model={"name": "x", "source": "path", "hostPath": "/srv", "path": "m.gguf"})
+    assert render.router_args(path_model)[render.router_args(path_model).index("--tokenizer") + 1] == "/models/m.gguf"
+    router_pod = render.router_deployment(path_model)["spec"]["template"]["spec"]
+    assert {"name": "model", "mountPath": "/models", "readOnly": True} in router_pod["containers"][0]["volumeMounts"]
     assert render.router_role(o)["rules"] == [{"apiGroups": [""], "resources": ["endpoints"],
                                                "verbs": ["get", "list", "watch"], "resourceNames": ["m-engine"]}]
     binding = render.router_role_binding(o)

@@ -124,10 +124,8 @@ class NodeAgent:
         """This node's image pull: build what the project's image would contain (its CPU kernels) into the
         image cache once, before any pod needs it, so no pod compiles under its probes' deadlines."""
         extensions = self.image_cache / "torch_extensions"
-        for lock in extensions.glob("*/lock"):  # left by a build that was killed; nothing else builds now
-            lock.unlink()
         log_path = self.state_dir / "image-pull.log"
-        with open(log_path, "ab") as out:
+        with open(log_path, "ab") as out:  # builds take a lock of their own (kernels/cpu.py)
             code = subprocess.run([ORCA_ENTRY_POINT[0], "-c", "from orca.kernels import cpu; cpu.load()"],
                                   env={**os.environ, "PYTHONSAFEPATH": "1", "TORCH_EXTENSIONS_DIR": str(extensions)},
                                   stdout=out, stderr=subprocess.STDOUT).returncode
@@ -174,7 +172,7 @@ class NodeAgent:
                     if time.monotonic() - last_heartbeat >= HEARTBEAT_SECONDS:
                         self._heartbeat()
                         last_heartbeat = time.monotonic()
-                except (ApiException, OSError) as e:  # the API server restarting: try again next tick
+                except Exception as e:  # the API server restarting, a timeout: try again next tick
                     log.warning("sync failed: %s", e)
                 self.stopping.wait(SYNC_SECONDS)
         finally:
@@ -233,6 +231,9 @@ class NodeAgent:
         except ApiException as e:
             if e.status != 404:
                 log.warning("pod %s: status update failed: %s", runtime.key, e.reason)
+        except Exception as e:  # the API server unreachable for a moment: the next change reports again
+            log.warning("pod %s: status update failed: %s", runtime.key, e)
+            runtime.republish()
 
     def shutdown(self) -> None:
         """Stop every pod this agent started (SIGTERM, then SIGKILL after a short grace)."""

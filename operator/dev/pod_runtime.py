@@ -335,11 +335,14 @@ class PodRuntime(threading.Thread):
             status["containerID"] = f"orca-dev://{run.process.pid}"
         return status
 
+    def republish(self) -> None:
+        """Report the status again on the next tick even if nothing changes (the last report failed)."""
+        self._last_status = None
+
     def _publish(self) -> None:
         status = self.status()
-        comparable = {**status, "conditions": [{k: v for k, v in c.items()} for c in status["conditions"]]}
-        if comparable != self._last_status:
-            self._last_status = comparable
+        if status != self._last_status:
+            self._last_status = status
             self.report(self, status)
 
     # --- logs -----------------------------------------------------------------------------------
