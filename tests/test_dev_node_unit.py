@@ -11,7 +11,7 @@ import pytest
 from orca.operator.dev import container_spec as spec
 from orca.operator.dev.node_agent import compile_bind_library, pod_address
 from orca.operator.dev.probes import ProbeState
-from orca.operator.dev.processes import ProcessTable, alive, spawn, stop
+from orca.operator.dev.processes import ProcessTable, alive, spawn, start_time, stop
 
 POD = {"metadata": {"name": "web-0", "namespace": "ns", "uid": "u1", "labels": {"app": "web"}},
        "spec": {"serviceAccountName": "sa", "volumes": [{"name": "scratch", "emptyDir": {}},
@@ -115,7 +115,7 @@ def test_process_table_stops_only_what_it_started(tmp_path: Path) -> None:
         (entry,) = table.running()
         assert entry.pid == ours.pid and entry.is_ours()
         # a record whose pid now belongs to another process (another start time) is not ours
-        forged = type(entry)("forged", stranger.pid, entry.started + 1)
+        forged = type(entry)("forged", stranger.pid, start_time(stranger.pid) + 1000)
         stop(forged, grace_seconds=1)
         assert alive(stranger.pid)
         stop(entry, grace_seconds=5)
