@@ -1,0 +1,213 @@
+"""Routing and autoscaling on the one-machine cluster, end to end: prefix affinity measured by the
+engines' own prefix-cache counters, and the autoscaler scaling up under Poisson load and back down
+without losing a request, also when the replica being drained is killed.
+
+The timeline (load change to decision, to the new replica Ready, to scale-down) is printed for the
+closing note (`pytest -s`).
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from kubernetes import client
+
+from dev_cluster_client import (G, NS, P, V, chat, engines, install_chart, metric_by_label, pods, ready, router_counts,
+                                router_replicas_ready, router_url, wait_for)
+from orca.engine.bundled_model import bundled_model_path
+from orca.engine.loaders.gguf_tokenizer import load_gguf_tokenizer
+
+pytest.importorskip("helm_sdkpy", reason="installed by `make` (pip --ignore-requires-python helm-sdkpy)")
+pytestmark = [pytest.mark.slow, pytest.mark.k8s,
+              pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")]
+ROOT = Path(__file__).parent.parent
+PROMPTS = ["Say hi", "Name a colour", "Count to three", "What is 2+2?", "Name a fruit"]
+SYSTEM = " ".join(f"Rule {i}: answer politely, briefly and truthfully, and never mention rule {i + 1}."
+                  for i in range(20))
+TIMELINE: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def objects(dev_cluster, dev_core) -> client.CustomObjectsApi:
+    install_chart(dev_cluster)
+    wait_for("the operator pod Ready", lambda: any(ready(p) for p in pods(
+        dev_core, "app.kubernetes.io/name=orca-operator", "orca-system")), timeout=120)
+    return client.CustomObjectsApi(dev_core.api_client)
+
+
+def deploy(objects: client.CustomObjectsApi, name: str, **spec: Any) -> None:
+    body = yaml.safe_load((ROOT / "charts/orca/examples/one-machine.yaml").read_text())
+    body["metadata"]["name"] = name
+    body["spec"]["engine"]["args"] = ["--batch-invariant"]  # answers equal whatever shares their batch
+    body["spec"].update(spec)
+    objects.create_namespaced_custom_object(G, V, NS, P, body)
+
+
+def status(objects: client.CustomObjectsApi, name: str) -> dict:
+    return objects.get_namespaced_custom_object(G, V, NS, P, name).get("status") or {}
+
+
+def replicas(objects: client.CustomObjectsApi, name: str) -> int:
+    return int(objects.get_namespaced_custom_object(G, V, NS, P, name)["spec"]["replicas"])
+
+
+def delete(objects: client.CustomObjectsApi, core: client.CoreV1Api, name: str) -> None:
+    objects.delete_namespaced_custom_object(G, V, NS, P, name)
+    wait_for(f"{name}'s pods gone", lambda: not pods(core, f"app.kubernetes.io/instance={name}"), timeout=120)
+
+
+def prefix_hits(core: client.CoreV1Api, name: str) -> dict[str, float]:
+    return {p.metadata.name: sum(metric_by_label(f"http://{p.status.pod_ip}:8000", "orca:prefix_cache_hits_total",
+                                                 "model_name").values())
+            for p in pods(core, engines(name)) if ready(p)}
+
+
+def test_prefix_affinity_keeps_a_shared_system_prompt_on_one_replica(objects, dev_core) -> None:
+    deploy(objects, "prefix")
+    wait_for("2 ready replicas", lambda: status(objects, "prefix").get("readyReplicas") == 2, timeout=420)
+    url = wait_for("the router", lambda: router_url(dev_core, "prefix"))
+    wait_for("the router ready", lambda: httpx.get(f"{url}/ready", timeout=2).status_code == 200)
+    tokenizer = load_gguf_tokenizer(bundled_model_path())
+    system_tokens = len(tokenizer.encode(tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}],
+                                                                       add_generation_prompt=False)))
+    assert system_tokens >= 300
+    shared_tokens = (system_tokens // 16) * 16  # whole blocks of the shared prefix (a little less: the template)
+    wait_for("both replicas eligible in the router", lambda: router_replicas_ready(url) == 2)
+
+    def send_forty(tag: str) -> tuple[dict[str, float], dict[str, float]]:
+        hits_before, routed_before = prefix_hits(dev_core, "prefix"), router_counts(url)
+        for i in range(40):
+            assert chat(url, f"{tag} question {i}: name a number.", max_tokens=4, system=SYSTEM)
+        hits, routed = prefix_hits(dev_core, "prefix"), router_counts(url)
+        return ({k: hits[k] - hits_before.get(k, 0) for k in hits},
+                {k: routed.get(k, 0) - routed_before.get(k, 0) for k in routed})
+
+    hits, routed = send_forty("affinity")
+    threshold = 0.9 * 40 * (shared_tokens - 16)  # 90% of the shared blocks of 40 requests
+    print(f"\nprefix affinity on: prefix-cache hit tokens by replica {hits}, requests {routed}, "
+          f"threshold {threshold:.0f}")
+    assert max(hits.values()) >= threshold and max(routed.values()) >= 38
+
+    objects.patch_namespaced_custom_object(G, V, NS, P, "prefix", {"spec": {"router": {"scoring": {
+        "prefixAffinity": False}}}})
+    router_pods = "app.kubernetes.io/instance=prefix,app.kubernetes.io/component=router"
+    wait_for("the router rolled out without affinity", lambda: [p for p in pods(dev_core, router_pods) if ready(p) and
+                                                                "--no-prefix-affinity" in p.spec.containers[0].args]
+             and len(pods(dev_core, router_pods)) == 1, timeout=180)
+    url = wait_for("the new router's endpoint", lambda: router_url(dev_core, "prefix"))
+    wait_for("the new router ready", lambda: httpx.get(f"{url}/ready", timeout=2).status_code == 200)
+    hits, routed = send_forty("spread")
+    print(f"prefix affinity off: prefix-cache hit tokens by replica {hits}, requests {routed}")
+    assert max(hits.values()) < threshold and min(routed.get(p, 0) for p in hits) >= 10
+    delete(objects, dev_core, "prefix")
+
+
+class Load:
+    """Poisson arrivals, bounded in count and time, loopback only; every answer checked."""
+
+    def __init__(self, url: str, expected: dict[str, str]) -> None:
+        self.url, self.expected = url, expected
+        self.sent = self.ok = 0
+        self.failures: list[str] = []
+        self.futures: list[Future] = []
+        self.pool = ThreadPoolExecutor(48)
+        self.lock = threading.Lock()
+
+    def one(self, prompt: str, max_tokens: int = 24) -> None:
+        try:
+            text = chat(self.url, prompt, max_tokens=max_tokens)
+            good = text == self.expected[(prompt, max_tokens)]
+        except Exception as e:  # counted and printed: the acceptance is zero of these
+            good, text = False, f"{type(e).__name__}: {e}"
+        with self.lock:
+            self.ok += good
+            if not good:
+                self.failures.append(f"{prompt!r}: {text!r}")
+
+    def poisson(self, rate: float, count: int, seconds: float, seed: int = 0) -> None:
+        rng, deadline = random.Random(seed), time.monotonic() + seconds
+        for i in range(count):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(rng.expovariate(rate))
+            self.sent += 1
+            self.futures.append(self.pool.submit(self.one, PROMPTS[i % len(PROMPTS)]))
+
+    def wait(self, timeout: float) -> None:
+        for future in self.futures:
+            future.result(timeout=timeout)
+
+
+def test_autoscaling_up_under_load_and_down_without_losing_a_request(objects, dev_core) -> None:
+    deploy(objects, "auto", replicas=1,
+           autoscaling={"enabled": True, "minReplicas": 1, "maxReplicas": 3, "metric": "requestsWaiting", "target": 2,
+                        "scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": 20,
+                        "drainTimeoutSeconds": 90},
+           engine={"maxBatchSize": 2, "kvCacheMemory": "256MiB", "args": ["--batch-invariant"]})
+    wait_for("1 ready replica", lambda: status(objects, "auto").get("readyReplicas") == 1, timeout=420)
+    url = wait_for("the router", lambda: router_url(dev_core, "auto"))
+    wait_for("the router ready", lambda: httpx.get(f"{url}/ready", timeout=2).status_code == 200)
+    first = next(p for p in pods(dev_core, engines("auto")) if ready(p))
+    direct = f"http://{first.status.pod_ip}:8000"
+    expected = {(p, n): chat(direct, p, max_tokens=n) for p in PROMPTS for n in (24, 64)}
+    load = Load(url, expected)
+
+    load_started = time.monotonic()
+    sender = threading.Thread(target=load.poisson, args=(4.0, 160, 45.0))
+    sender.start()
+    wait_for("a scale-up decision", lambda: replicas(objects, "auto") >= 2, timeout=120, interval=0.2)
+    TIMELINE["load_to_decision_s"] = time.monotonic() - load_started
+    wait_for("2 replicas Ready", lambda: status(objects, "auto").get("readyReplicas", 0) >= 2, timeout=240, interval=0.2)
+    TIMELINE["load_to_second_replica_ready_s"] = time.monotonic() - load_started
+    sender.join(timeout=120)
+    load.wait(timeout=300)
+    load_stopped = time.monotonic()
+    spread = router_counts(url)
+    assert len([n for n in spread.values() if n > 0]) >= 2, spread
+    peak = replicas(objects, "auto")
+
+    # a light load while it scales down; the first replica drained is killed mid-drain
+    light_stop = threading.Event()
+
+    def light() -> None:
+        while not light_stop.is_set():
+            with load.lock:
+                load.sent += 1
+                prompt = PROMPTS[load.sent % len(PROMPTS)]
+            load.one(prompt, max_tokens=64)
+
+    lights = [threading.Thread(target=light) for _ in range(2)]
+    for thread in lights:
+        thread.start()
+    drain = wait_for("a scale-down drain", lambda: status(objects, "auto").get("scaleDown"), timeout=180, interval=0.1)
+    TIMELINE["load_stop_to_first_drain_s"] = time.monotonic() - load_stopped
+    victim = next(p for p in pods(dev_core, f"{engines('auto')},orca.dev/replica={drain['replica']}"))
+    assert victim.metadata.labels.get("orca.dev/serving") == "false"
+    os.kill(int(victim.status.container_statuses[0].container_id.removeprefix("orca-dev://")), signal.SIGKILL)
+    wait_for("the drain to end", lambda: not status(objects, "auto").get("scaleDown"), timeout=120, interval=0.2)
+    assert "stopped answering while draining" in status(objects, "auto")["autoscaler"]["reason"]
+    events = [e for e in dev_core.list_namespaced_event(NS).items if e.involved_object.name == "auto"]
+    assert any(e.reason == "ScaledDownVictimUnavailable" for e in events), [e.reason for e in events]
+    wait_for("back to 1 replica", lambda: replicas(objects, "auto") == 1 and len(pods(dev_core, engines("auto"))) == 1,
+             timeout=300, interval=0.5)
+    TIMELINE["load_stop_to_one_replica_s"] = time.monotonic() - load_stopped
+    light_stop.set()
+    for thread in lights:
+        thread.join(timeout=120)
+    reasons = sorted({e.reason for e in events} | {e.reason for e in dev_core.list_namespaced_event(NS).items
+                                                   if e.involved_object.name == "auto"})
+    print(f"\nautoscaling: peak {peak} replicas; {load.sent} requests, {load.ok} correct, "
+          f"{len(load.failures)} failed; events {reasons}; timeline (s): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in TIMELINE.items()))
+    assert load.failures == [] and load.ok == load.sent
+    st = status(objects, "auto")
+    assert st["desiredReplicas"] == 1 and st["lastScaleTime"] and st["autoscaler"]["metric"] == "requestsWaiting"
