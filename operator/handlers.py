@@ -17,6 +17,7 @@ from .scaling import ScalingMemory, autoscale_step
 
 RESYNC_SECONDS = 5.0
 AUTOSCALE_SECONDS = 2.0
+ROUTER_SCORING: render.Obj = {}  # the operator's --router-scoring: defaults under each spec.router.scoring
 
 
 @functools.cache
@@ -58,7 +59,7 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None
         _set_status(patch, old, generation, body, ready_groups=None, error=str(e))
         return
     ap = applier()
-    for obj in render.children(od, pdb_api_version()):
+    for obj in render.children(od, pdb_api_version(), ROUTER_SCORING):
         if ap.apply(obj) != "unchanged":
             logger.info("%s %s/%s", "applied", obj["kind"], obj["metadata"]["name"])
     draining = _draining_replica(body.get("status"))

@@ -59,6 +59,22 @@ class SpecError(ValueError):
     """A spec the schema accepts but that cannot be realised (cross-field rules)."""
 
 
+def parse_router_scoring(text: str) -> Obj:
+    """The operator's --router-scoring: a JSON object with the keys of spec.router.scoring."""
+    try:
+        scoring = json.loads(text or "{}")
+    except ValueError as e:
+        raise SpecError(f"--router-scoring is not JSON: {e}") from None
+    if not isinstance(scoring, dict) or set(scoring) - set(ROUTER_SCORING_KEYS):
+        raise SpecError(f"--router-scoring takes an object with keys among {', '.join(ROUTER_SCORING_KEYS)}; "
+                        f"got {text!r}")
+    for key, value in scoring.items():
+        if key == "prefixAffinity" and not isinstance(value, bool) or \
+                key != "prefixAffinity" and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
+            raise SpecError(f"--router-scoring: {key} must be {'true or false' if key == 'prefixAffinity' else 'a number >= 0'}")
+    return scoring
+
+
 def validate(spec: Obj) -> None:
     """Rules OpenAPI validation cannot express; raised as `Degraded` with this message."""
     auto = spec.get("autoscaling") or {}
@@ -234,10 +250,14 @@ def engine_pod_label_patch(pod: Obj, draining_replica: int | None = None) -> Obj
     return {"metadata": {"labels": changed}} if changed else None
 
 
-def router_args(od: Obj) -> list[str]:
-    """The router's flags: where its replicas are, and how it scores them (spec.router.scoring)."""
+ROUTER_SCORING_KEYS = ("waitingWeight", "runningWeight", "kvCacheWeight", "prefixAffinity", "affinityBound")
+
+
+def router_args(od: Obj, scoring_defaults: Obj | None = None) -> list[str]:
+    """The router's flags: where its replicas are, and how it scores them: spec.router.scoring over
+    the operator's defaults (the chart's `routerScoring` value)."""
     spec, name, namespace = od["spec"], od["metadata"]["name"], od["metadata"]["namespace"]
-    scoring = (spec.get("router") or {}).get("scoring") or {}
+    scoring = {**(scoring_defaults or {}), **((spec.get("router") or {}).get("scoring") or {})}
     model = spec["model"]
     tokenizer = "bundled" if model.get("source", "bundled") == "bundled" else _model_path(model)
     args = ["router", "--port", str(PORT), "--service", f"{name}-engine", "--namespace", namespace,
@@ -274,10 +294,10 @@ def router_role_binding(od: Obj) -> Obj:
             "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": od["metadata"]["namespace"]}]}
 
 
-def router_deployment(od: Obj) -> Obj:
+def router_deployment(od: Obj, scoring_defaults: Obj | None = None) -> Obj:
     spec, name = od["spec"], od["metadata"]["name"]
     sel = labels(name, "router")
-    container: Obj = {"name": "router", "image": spec.get("image", DEFAULT_IMAGE), "args": router_args(od),
+    container: Obj = {"name": "router", "image": spec.get("image", DEFAULT_IMAGE), "args": router_args(od, scoring_defaults),
                       "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
                       "readinessProbe": {"httpGet": {"path": "/ready", "port": PORT, "scheme": "HTTP"},
                                          "periodSeconds": 5, "failureThreshold": 3, "timeoutSeconds": 2,
@@ -325,14 +345,14 @@ def pdb(od: Obj, api_version: str = "policy/v1") -> Obj:
             "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels(name, "engine")}}}
 
 
-def children(od: Obj, pdb_api_version: str = "policy/v1") -> list[Obj]:
+def children(od: Obj, pdb_api_version: str = "policy/v1", router_scoring: Obj | None = None) -> list[Obj]:
     """Everything the OrcaDeployment should own right now, in apply order."""
     replicas = int(od["spec"].get("replicas", 1))
     objs = [configmap(od)]
     for r in range(replicas):
         objs += [headless_service(od, r), statefulset(od, r)]
     objs += [engine_service(od), router_service_account(od), router_role(od), router_role_binding(od),
-             router_deployment(od), router_service(od), pdb(od, pdb_api_version)]
+             router_deployment(od, router_scoring), router_service(od), pdb(od, pdb_api_version)]
     ing = ingress(od)
     return objs + ([ing] if ing else [])
 

@@ -157,6 +157,14 @@ def test_router_reads_only_its_engine_endpoints() -> None:
                                    engine={"blockSize": 32}))
     assert scored[scored.index("--waiting-weight") + 1] == "2" and scored[scored.index("--kv-cache-weight") + 1] == "0"
     assert "--no-prefix-affinity" in scored and scored[scored.index("--block-size") + 1] == "32"
+    defaulted = render.router_args(od(router={"scoring": {"waitingWeight": 3}}),
+                                   render.parse_router_scoring('{"waitingWeight": 1.5, "affinityBound": 8}'))
+    assert defaulted[defaulted.index("--waiting-weight") + 1] == "3"  # the spec overrides the chart's default
+    assert defaulted[defaulted.index("--affinity-bound") + 1] == "8"
+    for bad, field in (('{"nope": 1}', "keys among"), ('{"kvCacheWeight": -1}', "kvCacheWeight"),
+                       ('{"prefixAffinity": 1}', "prefixAffinity"), ("[", "not JSON")):
+        with pytest.raises(render.SpecError, match=field):
+            render.parse_router_scoring(bad)
     path_model = od(model={"name": "x", "source": "path", "hostPath": "/srv", "path": "m.gguf"})
     assert render.router_args(path_model)[render.router_args(path_model).index("--tokenizer") + 1] == "/models/m.gguf"
     router_pod = render.router_deployment(path_model)["spec"]["template"]["spec"]
