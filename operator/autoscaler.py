@@ -56,8 +56,9 @@ def recommend(current: int, values: Sequence[float | None], policy: Policy) -> R
     """What the metric asks for now. `values` holds one entry per replica: None where its scrape
     failed, which makes it unavailable: it neither adds load nor counts as idle."""
     available = [v for v in values if v is not None]
-    if not available:
-        return Recommendation(current, None, "no replica answered its metrics scrape; holding")
+    if not available:  # nothing to measure: hold, within the bounds
+        held = min(max(current, policy.min_replicas), policy.max_replicas)
+        return Recommendation(held, None, "no replica answered its metrics scrape; holding")
     if policy.metric == LATENCY_METRIC:
         observed = max(available)
         wanted = math.ceil(current * observed / policy.target) if policy.target > 0 else policy.max_replicas

@@ -31,6 +31,8 @@ def test_doubling_limit_from_one_and_from_zero() -> None:
     assert recommend(1, [100.0], policy(maxReplicas=10)).replicas == 2
     assert recommend(4, [100.0] * 4, policy(maxReplicas=10)).replicas == 8
     assert recommend(0, [], policy(minReplicas=0)).replicas == 0  # nothing to measure: hold
+    assert recommend(0, [], policy(minReplicas=1)).replicas == 1  # but never below the minimum
+    assert recommend(5, [None] * 5, policy()).replicas == 3  # nor above the maximum
 
 
 def test_a_failed_scrape_is_unavailable_not_zero_load() -> None:
