@@ -67,6 +67,12 @@ def recommend(current: int, values: Sequence[float | None], policy: Policy) -> R
         observed = sum(available)
         wanted = math.ceil(observed / policy.target) if policy.target > 0 else policy.max_replicas
         why = f"{policy.metric} {observed:g} over {len(available)} replicas against a target of {policy.target:g} each"
+        missing = len(values) - len(available)
+        if missing and wanted < current and policy.target > 0:
+            # HPA's rule: a replica that did not answer (starting, or too busy to) may be as loaded as
+            # the target; scale down only if that reading too asks for fewer
+            wanted = max(wanted, math.ceil((observed + missing * policy.target) / policy.target))
+            why += f"; {missing} unavailable counted at the target"
     clamped = min(max(wanted, policy.min_replicas), policy.max_replicas, max(2 * current, 1))
     if clamped != wanted:
         why += f" (asks {wanted}; clamped to {clamped}: min {policy.min_replicas}, max {policy.max_replicas}, " \

@@ -13,7 +13,7 @@ from kubernetes import client, config
 
 from . import render
 from .apply import Applier
-from .scaling import ScalingMemory, autoscale_step
+from .scaling import ScalingMemory, autoscale_step, label_group
 
 RESYNC_SECONDS = 5.0
 AUTOSCALE_SECONDS = 2.0
@@ -62,10 +62,16 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None
     for obj in render.children(od, pdb_api_version(), ROUTER_SCORING):
         if ap.apply(obj) != "unchanged":
             logger.info("%s %s/%s", "applied", obj["kind"], obj["metadata"]["name"])
-    draining = _draining_replica(body.get("status"))
+    groups = _prune_and_count(ap, od)  # before labelling: a group being removed must not serve again
+    status = body.get("status") or {}
+    if status.get("scaleDown") and not _autoscaling_enabled(body["spec"]):  # turned off mid-drain: serve again
+        victim = int(status["scaleDown"]["replica"])
+        label_group(ap, od, victim, draining=False)
+        patch.status["scaleDown"] = None
+        status = {}
+    draining, replicas = _draining_replica(status), int(od["spec"].get("replicas", 1))
     for pod in ap.list("v1", "Pod", od["metadata"]["namespace"], render.engine_selector(od["metadata"]["name"])):
-        _label_engine_pod(ap, pod, draining, logger)  # repairs a pod whose event the watch below missed
-    groups = _prune_and_count(ap, od)
+        _label_engine_pod(ap, pod, draining, replicas, logger)  # repairs a pod whose event the watch missed
     _set_status(patch, old, generation, body, ready_groups=groups, error=None)
 
 
@@ -94,7 +100,10 @@ def label_engine_pod(event: kopf.RawEvent, body: kopf.Body, logger: Any, **_: An
     ap = applier()
     owner = ap.get(f"{render.GROUP}/{render.VERSION}", render.KIND, meta["namespace"],
                    (meta.get("labels") or {}).get("app.kubernetes.io/instance", ""))
-    _label_engine_pod(ap, {"metadata": dict(meta)}, _draining_replica((owner or {}).get("status")), logger)
+    if owner is None:
+        return
+    _label_engine_pod(ap, {"metadata": dict(meta)}, _draining_replica(owner.get("status")),
+                      int(owner["spec"].get("replicas", 1)), logger)
 
 
 def _draining_replica(status: render.Obj | None) -> int | None:
@@ -102,12 +111,12 @@ def _draining_replica(status: render.Obj | None) -> int | None:
     return int(scale_down["replica"]) if scale_down else None
 
 
-def _label_engine_pod(ap: Applier, pod: render.Obj, draining: int | None, logger: Any) -> None:
+def _label_engine_pod(ap: Applier, pod: render.Obj, draining: int | None, replicas: int, logger: Any) -> None:
     """Label one engine pod with its stage and whether it serves; a pod named without an ordinal is
     not a stage and is left be."""
     meta = pod["metadata"]
     try:
-        patch = render.engine_pod_label_patch(pod, draining)
+        patch = render.engine_pod_label_patch(pod, draining, replicas)
     except ValueError as e:
         logger.warning("engine pod %s/%s: %s", meta["namespace"], meta["name"], e)
         return

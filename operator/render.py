@@ -31,7 +31,8 @@ SCRATCH = "/tmp"
 REPLICA_LABEL = "orca.dev/replica"
 # "false" on the pods of a replica group being drained for a scale-down: the engine Service stops
 # selecting them, so the router (and any other client of the Service) sends them nothing new.
-SERVING_LABEL = "orca.dev/serving"  # the one writable path of every pod: HOME and caches live here
+SERVING_LABEL = "orca.dev/serving"
+DRAINING_ANNOTATION = "orca.dev/draining"  # the one writable path of every pod: HOME and caches live here
 
 
 def pod_security_context() -> Obj:
@@ -232,22 +233,33 @@ def engine_service(od: Obj) -> Obj:
                      "ports": [{"name": "http", "port": PORT, "targetPort": PORT, "protocol": "TCP"}]}}
 
 
-def engine_pod_label_patch(pod: Obj, draining_replica: int | None = None) -> Obj | None:
+def engine_pod_label_patch(pod: Obj, draining_replica: int | None = None, replicas: int | None = None) -> Obj | None:
     """The merge patch that labels an engine pod with its stage and whether it serves, or None when
-    it already carries both.
+    it already carries both (or is terminating: it is left as it is).
 
     A StatefulSet stamps the same template labels on every pod, and Kubernetes before 1.28 adds no
-    pod-index label, so the operator labels each pod for the engine Service to select stage 0; a pod
-    of the replica group being drained (`draining_replica`) serves no more, even once recreated.
-    Raises ValueError for a pod name without an ordinal.
+    pod-index label, so the operator labels each pod for the engine Service to select stage 0. A pod
+    serves unless it is being drained (its own DRAINING_ANNOTATION, or it belongs to
+    `draining_replica`, as a recreated pod of that group does) or its group is beyond `replicas`
+    (about to be removed). Raises ValueError for a pod name without an ordinal.
     """
     meta = pod["metadata"]
+    if meta.get("deletionTimestamp"):
+        return None
     have = meta.get("labels") or {}
     replica = have.get(REPLICA_LABEL)
-    want = {contract.STAGE_LABEL: str(contract.stage_of_pod(meta["name"])),
-            SERVING_LABEL: "false" if replica is not None and replica == str(draining_replica) else "true"}
+    drained = (meta.get("annotations") or {}).get(DRAINING_ANNOTATION) == "true" or (
+        replica is not None and (replica == str(draining_replica) or (replicas is not None and int(replica) >= replicas)))
+    want = {contract.STAGE_LABEL: str(contract.stage_of_pod(meta["name"])), SERVING_LABEL: "false" if drained else "true"}
     changed = {k: v for k, v in want.items() if have.get(k) != v}
     return {"metadata": {"labels": changed}} if changed else None
+
+
+def draining_patch(draining: bool) -> Obj:
+    """Marks (or unmarks) an engine pod as drained for a scale-down, on the pod itself, so no stale
+    view of the OrcaDeployment's status can put it back into the engine Service."""
+    return {"metadata": {"labels": {SERVING_LABEL: "false" if draining else "true"},
+                         "annotations": {DRAINING_ANNOTATION: "true" if draining else None}}}
 
 
 ROUTER_SCORING_KEYS = ("waitingWeight", "runningWeight", "kvCacheWeight", "prefixAffinity", "affinityBound")

@@ -9,6 +9,7 @@ second line of defence. The drain's state is in `status.scaleDown`, so an operat
 """
 from __future__ import annotations
 
+import asyncio
 import datetime
 import time
 from collections import deque
@@ -63,6 +64,8 @@ def metric_values(policy: autoscaler.Policy, replicas: list[int],
     if not current:
         return [None]
     memory.ttft_snapshots.append((now, current))
+    if len(memory.ttft_snapshots) == 1:
+        return [None]  # one snapshot holds no window yet: hold rather than read "no requests"
     while len(memory.ttft_snapshots) > 1 and now - memory.ttft_snapshots[1][0] >= policy.latency_window_seconds:
         memory.ttft_snapshots.popleft()  # keep the newest snapshot at least a window old
     _, oldest = memory.ttft_snapshots[0]
@@ -80,7 +83,7 @@ async def autoscale_step(body: kopf.Body, patch: kopf.Patch, memory: ScalingMemo
     od = {"metadata": dict(body["metadata"]), "spec": dict(spec)}
     policy = autoscaler.Policy.from_spec(spec)
     current = int(spec.get("replicas", 1))
-    addresses = stage0_pod_ips(ap, od)
+    addresses = await asyncio.to_thread(stage0_pod_ips, ap, od)  # the kubernetes client blocks
     scale_down = status.get("scaleDown")
     if scale_down:
         await _continue_scale_down(body, patch, od, scale_down, addresses, policy, ap, logger)
@@ -88,6 +91,8 @@ async def autoscale_step(body: kopf.Body, patch: kopf.Patch, memory: ScalingMemo
     replicas = list(range(current))
     samples = await engine_metrics.scrape_all({r: addresses.get(r) for r in replicas})
     now = time.monotonic()
+    if not memory.recommendations:  # a fresh operator: the windows start from what is, not from nothing
+        memory.recommendations.append((now, current))
     recommendation = autoscaler.recommend(current, metric_values(policy, replicas, samples, memory, now), policy)
     memory.recommendations.append((now, recommendation.replicas))
     horizon = max(policy.scale_up_window_seconds, policy.scale_down_window_seconds)
@@ -104,7 +109,7 @@ async def autoscale_step(body: kopf.Body, patch: kopf.Patch, memory: ScalingMemo
         logger.info("scaling up %d -> %d: %s", current, desired, recommendation.reason)
     elif desired < current:
         victim = autoscaler.scale_down_victim(current)
-        _label_group(ap, od, victim, draining=victim)
+        await asyncio.to_thread(label_group, ap, od, victim, True)
         patch.status["scaleDown"] = {"replica": victim, "startedAt": _now()}
         kopf.info(body, reason="ScalingDown", message=f"draining replica {victim} before {current} -> {current - 1} "
                                                        f"replicas: {recommendation.reason}")
@@ -113,7 +118,15 @@ async def autoscale_step(body: kopf.Body, patch: kopf.Patch, memory: ScalingMemo
 
 async def _continue_scale_down(body: kopf.Body, patch: kopf.Patch, od: render.Obj, scale_down: render.Obj,
                                addresses: dict[int, str], policy: autoscaler.Policy, ap: Applier, logger: Any) -> None:
-    victim = int(scale_down["replica"])
+    victim, current = int(scale_down["replica"]), int(od["spec"].get("replicas", 1))
+    if current != victim + 1:  # someone else changed spec.replicas meanwhile: theirs wins, the drain ends
+        if victim < current:
+            await asyncio.to_thread(label_group, ap, od, victim, False)
+        patch.status["scaleDown"] = None
+        kopf.info(body, reason="ScaleDownAbandoned", message=f"spec.replicas became {current} while replica {victim} "
+                                                             f"drained; it serves again" if victim < current else
+                  f"spec.replicas became {current} while replica {victim} drained")
+        return
     sample = (await engine_metrics.scrape_all({victim: addresses.get(victim)}))[victim]
     waited = _seconds_since(scale_down["startedAt"])
     if waited < SETTLE_SECONDS and sample is not None:
@@ -139,10 +152,9 @@ async def _continue_scale_down(body: kopf.Body, patch: kopf.Patch, od: render.Ob
     logger.info("scale-down: %s", message)
 
 
-def _label_group(ap: Applier, od: render.Obj, replica: int, draining: int | None) -> None:
+def label_group(ap: Applier, od: render.Obj, replica: int, draining: bool) -> None:
+    """Take a replica group's pods out of the engine Service for a drain (or put them back)."""
     meta = od["metadata"]
     selector = f"{render.engine_selector(meta['name'])},{render.REPLICA_LABEL}={replica}"
     for pod in ap.list("v1", "Pod", meta["namespace"], selector):
-        label_patch = render.engine_pod_label_patch(pod, draining)
-        if label_patch:
-            ap.patch("v1", "Pod", meta["namespace"], pod["metadata"]["name"], label_patch)
+        ap.patch("v1", "Pod", meta["namespace"], pod["metadata"]["name"], render.draining_patch(draining))

@@ -35,9 +35,8 @@ def restricted_violations(pod: dict[str, Any]) -> list[str]:
             if not mount.get("readOnly") and not WRITABLE_VOLUME_KINDS & set(volume):
                 problems.append(f"{where}: volume {mount['name']} is writable but not an emptyDir")
     for name, volume in volumes.items():
-        if "hostPath" in volume and not all(m.get("readOnly") for c in pod["containers"]
-                                            for m in c.get("volumeMounts") or [] if m["name"] == name):
-            problems.append(f"volume {name}: a hostPath must be mounted read-only")
+        if "hostPath" in volume:  # forbidden by "baseline" already, read-only or not
+            problems.append(f"volume {name}: hostPath volumes are not allowed")
     if pod.get("hostNetwork") or pod.get("hostPID") or pod.get("hostIPC"):
         problems.append("host namespaces must not be shared")
     return problems

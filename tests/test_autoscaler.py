@@ -40,7 +40,11 @@ def test_a_failed_scrape_is_unavailable_not_zero_load() -> None:
     assert recommend(2, [4.0, None], policy()).replicas == 2
     assert recommend(2, [None, None], policy()).replicas == 2  # nothing answered: hold
     assert "holding" in recommend(2, [None, None], policy()).reason
-    assert recommend(3, [0.0, None, None], policy()).replicas == 1
+    # HPA's rule: on the way down, an unanswered replica counts as loaded at the target
+    down = recommend(3, [0.0, None, None], policy())
+    assert down.replicas == 2 and "2 unavailable counted at the target" in down.reason
+    assert recommend(4, [3.0, 3.0, None, None], policy(maxReplicas=4)).replicas == 4  # not 3: they may be busy
+    assert recommend(1, [9.0, None], policy()).replicas == 2  # on the way up, the answers decide
 
 
 def test_kv_cache_and_latency_objectives() -> None:
@@ -98,7 +102,7 @@ def test_engine_metrics_are_parsed_and_the_latency_comes_from_the_window() -> No
     assert metric_values(policy(), [0, 1], {0: sample, 1: None}, ScalingMemory(), 0.0) == [3.0, None]
     latency, memory = policy(metric="timeToFirstTokenP90", latencyWindowSeconds=30), ScalingMemory()
     first = metric_values(latency, [0], {0: sample}, memory, 0.0)
-    assert first == [0.0]  # one snapshot: no increase yet, no request in the window
+    assert first == [None]  # one snapshot holds no window yet: hold
     later = parse(METRICS.replace('le="0.5",model_name="m"} 8.0', 'le="0.5",model_name="m"} 8.0')
                   .replace('le="2.0",model_name="m"} 10.0', 'le="2.0",model_name="m"} 20.0')
                   .replace('le="+Inf",model_name="m"} 10.0', 'le="+Inf",model_name="m"} 20.0'))

@@ -101,6 +101,20 @@ def test_a_draining_groups_pods_serve_no_more_even_once_recreated() -> None:
     assert render.engine_pod_label_patch(pod("m-r0-0", **{**labelled, render.REPLICA_LABEL: "0"}), 1) is None
 
 
+def test_a_group_beyond_replicas_or_marked_draining_serves_no_more_and_a_terminating_pod_is_left_be() -> None:
+    labelled = {contract.STAGE_LABEL: "0", render.REPLICA_LABEL: "2", **SERVES}
+    assert render.engine_pod_label_patch(pod("m-r2-0", **labelled), replicas=2) == {
+        "metadata": {"labels": {render.SERVING_LABEL: "false"}}}
+    assert render.engine_pod_label_patch(pod("m-r2-0", **labelled), replicas=3) is None
+    marked = pod("m-r2-0", **labelled)
+    marked["metadata"]["annotations"] = render.draining_patch(True)["metadata"]["annotations"]
+    assert render.engine_pod_label_patch(marked, replicas=3)["metadata"]["labels"][render.SERVING_LABEL] == "false"
+    terminating = pod("m-r2-0", **{**labelled, render.SERVING_LABEL: "false"})
+    terminating["metadata"]["deletionTimestamp"] = "2026-12-02T00:00:00Z"
+    assert render.engine_pod_label_patch(terminating, replicas=3) is None
+    assert render.draining_patch(False)["metadata"]["annotations"] == {render.DRAINING_ANNOTATION: None}
+
+
 def test_engine_pod_label_patch_of_a_pod_without_labels() -> None:
     assert render.engine_pod_label_patch({"metadata": {"name": "m-r0-0"}}) == {"metadata": {"labels": {
         contract.STAGE_LABEL: "0", **SERVES}}}
@@ -128,14 +142,19 @@ def test_engine_args_and_configmap_follow_the_spec() -> None:
     assert {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pod["volumes"]
 
 
-@pytest.mark.parametrize("spec", [{}, {"model": {"name": "x", "source": "path", "hostPath": "/srv/models"}},
-                                  {"parallelism": {"tensor": 3, "pipeline": 2}}])
-def test_every_pod_template_meets_the_restricted_pod_security_standard(spec: dict) -> None:
+@pytest.mark.parametrize("spec,allowed", [
+    ({}, []), ({"parallelism": {"tensor": 3, "pipeline": 2}}, []),
+    ({"model": {"name": "x", "source": "path", "pvc": {"claimName": "models"}}}, []),
+    # a model on a node's directory needs a namespace that admits hostPath (README says so)
+    ({"model": {"name": "x", "source": "path", "hostPath": "/srv/models"}},
+     ["volume model: hostPath volumes are not allowed"]),
+])
+def test_every_pod_template_meets_the_restricted_pod_security_standard(spec: dict, allowed: list[str]) -> None:
     o = od(**spec)
     templates = [child["spec"]["template"]["spec"] for child in render.children(o) if "template" in child.get("spec", {})]
     assert len(templates) == int(o["spec"].get("replicas", 1)) + 1  # the engines' StatefulSets and the router
     for pod in templates:
-        assert restricted_violations(pod) == []
+        assert restricted_violations(pod) == allowed
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         container = pod["containers"][0]
         env = {e["name"]: e.get("value") for e in container["env"]}
@@ -143,7 +162,7 @@ def test_every_pod_template_meets_the_restricted_pod_security_standard(spec: dic
     # the check itself fails a pod that lacks any one field
     bad = copy.deepcopy(templates[0])
     del bad["containers"][0]["securityContext"]["capabilities"]
-    assert restricted_violations(bad) == ["containers[0] (engine): capabilities must drop ALL and add none"]
+    assert restricted_violations(bad) == ["containers[0] (engine): capabilities must drop ALL and add none", *allowed]
 
 
 def test_router_reads_only_its_engine_endpoints() -> None:

@@ -30,8 +30,10 @@ def node_table(state_dir: Path) -> ProcessTable:
 
 def up(state_dir: Path, gpus: int = 0, timeout: float = 90) -> ControlPlane:
     state_dir = state_dir.resolve()
-    if (state_dir / "control-plane.json").exists() and ControlPlane.load(state_dir).running():
-        raise ValueError(f"a cluster is already up in {state_dir}; `orca dev cluster down` first")
+    if (state_dir / "control-plane.json").exists() and (ControlPlane.load(state_dir).table.running()
+                                                         or node_table(state_dir).running()):
+        raise ValueError(f"a cluster (or some of its processes) is still up in {state_dir}; "
+                         f"`orca dev cluster down --state-dir {state_dir}` first")
     bin_dir = binaries(progress=True)  # prints its progress the first time, when it builds
     shutil.rmtree(state_dir, ignore_errors=True)
     state_dir.mkdir(parents=True)

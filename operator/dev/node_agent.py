@@ -225,11 +225,13 @@ class NodeAgent:
 
     def _report(self, runtime: PodRuntime, status: Obj) -> None:
         meta = runtime.pod["metadata"]
-        body = {"status": {**status, "containerStatuses": [_replacing(c) for c in status["containerStatuses"]]}}
+        # the uid makes a late report of a deleted pod fail, not land on its same-name successor
+        body = {"metadata": {"uid": meta["uid"]},
+                "status": {**status, "containerStatuses": [_replacing(c) for c in status["containerStatuses"]]}}
         try:
             self.core.patch_namespaced_pod_status(meta["name"], meta["namespace"], body)
         except ApiException as e:
-            if e.status != 404:
+            if e.status not in (404, 409, 422):
                 log.warning("pod %s: status update failed: %s", runtime.key, e.reason)
         except Exception as e:  # the API server unreachable for a moment: the next change reports again
             log.warning("pod %s: status update failed: %s", runtime.key, e)

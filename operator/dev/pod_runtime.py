@@ -23,7 +23,7 @@ from typing import Any
 from . import container_spec
 from .container_spec import Obj, PodSpecError
 from .probes import ProbeState, run_probe
-from .processes import ProcessTable, alive
+from .processes import ProcessTable
 
 log = logging.getLogger("orca.dev.node")
 BACKOFF_INITIAL_SECONDS, BACKOFF_MAX_SECONDS = 10.0, 300.0
@@ -66,6 +66,7 @@ class ContainerRun:
     startup: ProbeState | None = None
     env: dict[str, str] = field(default_factory=dict)
     done: bool = False  # terminated and not to be restarted
+    stopping: bool = False  # a failed liveness probe is stopping it (in a thread of its own)
 
     @property
     def name(self) -> str:
@@ -77,7 +78,7 @@ class ContainerRun:
 
     @property
     def ready(self) -> bool:
-        if not self.running or (self.startup and not self.startup.passing):
+        if not self.running or self.stopping or (self.startup and not self.startup.passing):
             return False
         return self.readiness.passing if self.readiness else True
 
@@ -95,6 +96,8 @@ class PodRuntime(threading.Thread):
         self.finished = threading.Event()  # every process has stopped after a deletion
         self.failure: str | None = None
         self._last_status: Obj | None = None
+        self._set_condition("PodScheduled", True)  # bound by the scheduler before this node saw it
+        self._set_condition("Initialized", True)  # no init containers to wait for
 
     @property
     def key(self) -> str:
@@ -123,15 +126,16 @@ class PodRuntime(threading.Thread):
             self.failure = str(e)
             self._terminate(0)
         finally:
-            self._publish()
+            try:
+                self._publish()
+            except Exception:
+                log.exception("pod %s: last status report failed", self.key)
             self.finished.set()
 
     def _prepare(self) -> None:
         (self.pod_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.pod_dir.chmod(0o755)
         self.service_kubeconfig = self.node.service_account_kubeconfig(self.pod, self.pod_dir)
-        self._set_condition("Initialized", True)
-        self._set_condition("PodScheduled", True)
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -141,7 +145,7 @@ class PodRuntime(threading.Thread):
                 self._record_exit(run, restart_policy)
             if run.process is None and not run.done and now >= run.next_start:
                 self._start(run)
-            if run.running:
+            if run.running and not run.stopping:
                 self._probe(run, now)
 
     def _start(self, run: ContainerRun) -> None:
@@ -160,7 +164,7 @@ class PodRuntime(threading.Thread):
             env = container_spec.rewrite_mount_paths(env, mounts)
             argv = container_spec.argv(container, env, self.node.image_map)
             user = container_spec.user(self.pod, container)
-        except PodSpecError as e:
+        except Exception as e:  # a bad spec, or the API server unreachable for a key: retry after a back-off
             run.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(e)}}
             run.next_start = time.monotonic() + BACKOFF_INITIAL_SECONDS
             return
@@ -180,7 +184,12 @@ class PodRuntime(threading.Thread):
         log_path = self.log_path(container["name"], run.runs)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         executable = shutil.which(argv[0], path=process_env["PATH"]) or argv[0]
-        credentials = self._credentials(user, executable, mounts, home)
+        try:
+            credentials = self._credentials(user, executable, mounts, home)
+        except OSError as e:
+            run.state = {"waiting": {"reason": "CreateContainerError", "message": str(e)}}
+            run.next_start = time.monotonic() + BACKOFF_INITIAL_SECONDS
+            return
         cwd = container.get("workingDir") or str(self.pod_dir)
         with open(log_path, "ab") as out:
             try:
@@ -228,7 +237,7 @@ class PodRuntime(threading.Thread):
                                          "startedAt": run.started_at, "finishedAt": now_rfc3339(),
                                          **({"signal": -code} if code < 0 else {})}}
         ran_for = time.monotonic() - run.started_monotonic
-        run.process, run.readiness, run.liveness, run.startup = None, None, None, None
+        run.process, run.readiness, run.liveness, run.startup, run.stopping = None, None, None, None, False
         restart = restart_policy == "Always" or (restart_policy == "OnFailure" and code != 0)
         if not restart or self.delete_grace is not None:
             run.state, run.done = run.last_state, True
@@ -259,7 +268,8 @@ class PodRuntime(threading.Thread):
             state.record(ok, time.monotonic())
             if kind in ("liveness", "startup") and state.failed:
                 log.info("pod %s: %s probe failed %d times; restarting %s", self.key, kind, state.failures, run.name)
-                self._stop_container(run, self._grace_seconds())
+                run.stopping = True  # not ready from now on; the loop keeps reporting while it stops
+                threading.Thread(target=self._stop_container, args=(run, self._grace_seconds()), daemon=True).start()
                 return
 
     # --- termination ----------------------------------------------------------------------------
@@ -283,17 +293,18 @@ class PodRuntime(threading.Thread):
             run.done = True
 
     def _stop_container(self, run: ContainerRun, grace_seconds: float) -> None:
-        if run.process is None:
+        process = run.process
+        if process is None:
             return
         deadline = time.monotonic() + grace_seconds
         pre_stop = ((run.spec.get("lifecycle") or {}).get("preStop") or {})
-        if pre_stop and self.delete_grace is not None:
+        if pre_stop:  # as the kubelet does for every stop, deletion or failed liveness probe
             self._run_pre_stop(run, pre_stop, grace_seconds)
-        _kill_group(run.process.pid, signal.SIGTERM)
-        while time.monotonic() < deadline and alive(run.process.pid) and run.process.poll() is None:
+        _kill_group(process.pid, signal.SIGTERM)
+        while time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.1)
-        _kill_group(run.process.pid, signal.SIGKILL)
-        run.process.wait()
+        _kill_group(process.pid, signal.SIGKILL)
+        process.wait()
 
     def _run_pre_stop(self, run: ContainerRun, hook: Obj, grace_seconds: float) -> None:
         try:
@@ -323,7 +334,7 @@ class PodRuntime(threading.Thread):
         else:
             phase = "Pending"
         return {"phase": phase, "hostIP": self.node.host_ip, "podIP": self.pod_ip, "podIPs": [{"ip": self.pod_ip}],
-                "startTime": self.start_time, "qosClass": "BestEffort",
+                "startTime": self.start_time,
                 "conditions": [self.conditions[k] for k in ("Initialized", "Ready", "ContainersReady", "PodScheduled")],
                 "containerStatuses": [self._container_status(run) for run in self.containers]}
 

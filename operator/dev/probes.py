@@ -22,7 +22,7 @@ def run_probe(probe: Obj, container: Obj, pod_ip: str, env: dict[str, str]) -> b
             headers = {h["name"]: h["value"] for h in action.get("httpHeaders") or []}
             connection.request("GET", action.get("path", "/"), headers={"User-Agent": "kube-probe/1.20", **headers})
             return 200 <= connection.getresponse().status < 400
-        except OSError:
+        except (OSError, http.client.HTTPException):  # refused, timed out, or not HTTP at all
             return False
         finally:
             connection.close()

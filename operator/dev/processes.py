@@ -58,7 +58,9 @@ class ProcessTable:
         if started is None:
             raise RuntimeError(f"{name} (pid {pid}) exited at once")
         entry = ProcessRecord(name, pid, started)
-        self._path(name).write_text(json.dumps(asdict(entry)))
+        partial = self._path(name).with_suffix(".tmp")
+        partial.write_text(json.dumps(asdict(entry)))
+        os.replace(partial, self._path(name))  # a writer killed halfway leaves no truncated record
         return entry
 
     def forget(self, name: str) -> None:
@@ -100,10 +102,8 @@ def stop(entry: ProcessRecord, grace_seconds: float) -> None:
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
+    """The group `spawn` made (its leader's pid); once the group is gone the pid may be anyone's."""
     try:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+        pass
