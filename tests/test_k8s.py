@@ -126,7 +126,8 @@ def test_invalid_specs_are_rejected_by_the_api_server_naming_the_field(api, rele
     for spec, field in ((example("bad1", parallelism={"tensor": 0})["spec"], "spec.parallelism.tensor"),
                         ({"model": {"name": "x", "source": "s3"}}, "spec.model.source"),
                         ({"model": {"name": "x"}, "replicas": "two"}, "spec.replicas"),
-                        ({"parallelism": {"tensor": 1}}, "spec.model")):
+                        ({"parallelism": {"tensor": 1}}, "spec.model"),
+                        ({"model": {"name": "x"}, "autoscaling": {"minReplicas": 0}}, "spec.autoscaling.minReplicas")):
         body = {"apiVersion": f"{G}/{V}", "kind": "OrcaDeployment", "metadata": {"name": "bad"}, "spec": spec}
         with pytest.raises(ApiException) as e:
             objs.create_namespaced_custom_object(G, V, NS, P, body)
