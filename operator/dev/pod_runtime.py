@@ -217,7 +217,8 @@ class PodRuntime(threading.Thread):
         """Run as the pod's user where this node can: it is root and that user can reach what it runs."""
         if os.geteuid() != 0 or user.uid is None or user.uid == 0:
             return {}
-        needed = [Path(executable), Path(container_spec.__file__), self.node.bind_library, self.pod_dir]
+        needed = [Path(executable), Path(container_spec.__file__), self.node.bind_library, self.pod_dir,
+                  self.node.image_cache]
         if not all(_reachable_by_others(path) for path in needed):
             log.warning("pod %s: running as this node's user, not uid %d: %s is not readable by other users",
                         self.key, user.uid, next(p for p in needed if not _reachable_by_others(p)))
