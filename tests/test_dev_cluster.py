@@ -49,8 +49,8 @@ def test_helm_install_runs_the_operator_and_two_engines_become_ready(dev_cluster
     TIMINGS["helm_install"] = started
     install_chart(dev_cluster)
     # the chart's own Deployment runs the operator, through the scheduler and the node agent
-    operator_pod = wait_for("the operator pod Ready", lambda: next(
-        (p for p in pods(dev_core, "app.kubernetes.io/name=orca-operator", "orca-system") if ready(p)), None), timeout=120)
+    operator_pod = wait_for("the operator pod Ready", lambda: next(  # a cold node builds kernels first
+        (p for p in pods(dev_core, "app.kubernetes.io/name=orca-operator", "orca-system") if ready(p)), None), timeout=420)
     assert operator_pod.spec.node_name == "orca-dev" and operator_pod.status.pod_ip.startswith("127.0.")
     spec = client.ApiClient().sanitize_for_serialization(operator_pod.spec)
     assert restricted_violations(spec) == []

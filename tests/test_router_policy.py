@@ -5,8 +5,10 @@ from collections import Counter
 
 import pytest
 
+from orca.operator.router.endpoints import StaticSource
 from orca.operator.router.policy import PrefixMatch, ReplicaState, ScoringWeights, choose, pick, score
 from orca.operator.router.prefix import PrefixIndex, block_hashes
+from orca.operator.router.replicas import ReplicaSet
 
 NOW = 1000.0
 
@@ -233,3 +235,24 @@ def test_the_prefix_index_is_a_bounded_lru_keeping_leading_blocks_longest() -> N
     assert len(index) == 4
     with pytest.raises(ValueError):
         PrefixIndex(capacity=0)
+
+
+def test_a_finished_request_no_longer_counts_against_its_replica() -> None:
+    """Short requests one after another must not make a replica look busy between scrapes (it would
+    lose its prefix affinity to an idle one)."""
+    replicas = ReplicaSet(StaticSource(["http://127.0.0.1:1", "http://127.0.0.1:2"]))
+    for address in ("127.0.0.1:1", "127.0.0.1:2"):
+        replicas.replicas[address] = ReplicaState(address, ready_probe_ok=True, metrics_ok=True)
+    first = replicas.pick(set())
+    assert first.replica.routed_since_scrape == 1
+    replicas.release(first)
+    assert first.replica.routed_since_scrape == 0
+    replicas.release(first)  # a second release changes nothing
+    assert first.replica.routed_since_scrape == 0
+    open_one = replicas.pick(set())
+    open_one.replica.scrapes += 1  # a scrape after it was sent: the gauges carry it now
+    open_one.replica.routed_since_scrape = 0
+    replicas.release(open_one)
+    assert open_one.replica.routed_since_scrape == 0
+    unmetered = replicas.pick(set(), count_load=False)
+    assert unmetered.counted_at_scrape is None

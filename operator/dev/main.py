@@ -32,7 +32,7 @@ def add_dev_args(subparsers: argparse._SubParsersAction) -> None:
     node.add_argument("--gpus", type=int, default=0)
     node.add_argument("--kubelet-port", type=int, default=10250)
     node.add_argument("--image-cache", type=Path, default=None,
-                      help="what images would have built in, such as compiled kernels (default: ~/.cache/orca/dev-node)")
+                      help="what images would have built in, such as compiled kernels (default: one per checkout under ~/.cache/orca/dev-node)")
     node.add_argument("--image", type=_image, action="append", default=[],
                       help="map an image repository to a local command, REPOSITORY=COMMAND (repeatable)")
     node.set_defaults(func=cmd_node)

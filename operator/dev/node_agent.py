@@ -10,6 +10,7 @@ as a kubeconfig. On SIGTERM it stops every pod it started, and only those.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -56,6 +57,14 @@ def compile_bind_library(directory: Path) -> Path:
     return library
 
 
+def default_image_cache() -> Path:
+    """What the project's image would have built in (its CPU kernels), kept across clusters as a pulled
+    image is: one per checkout, since a build names its sources by path and another checkout's would
+    rebuild it."""
+    checkout = str(Path(__file__).resolve().parents[2])
+    return Path.home() / ".cache" / "orca" / "dev-node" / f"image-{hashlib.sha1(checkout.encode()).hexdigest()[:12]}"
+
+
 def node_object(name: str, gpus: int, kubelet_port: int, host_ip: str) -> Obj:
     memory_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                       if line.startswith("MemTotal:"))
@@ -99,8 +108,7 @@ class NodeAgent:
         self.node_name, self.state_dir, self.gpus, self.kubelet_port, self.host_ip = \
             node_name, state_dir, gpus, kubelet_port, host_ip
         self.pods_dir = state_dir / "pods"
-        # What an image would have built in (the CPU kernels): kept across clusters, as a pulled image is.
-        self.image_cache = image_cache or Path.home() / ".cache" / "orca" / "dev-node" / "image-cache"
+        self.image_cache = image_cache or default_image_cache()
         self.image_map = {ORCA_IMAGE: ORCA_ENTRY_POINT, **(image_map or {})}
         self.runtimes: dict[str, PodRuntime] = {}  # by pod uid
         self.next_address = 0

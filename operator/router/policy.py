@@ -28,7 +28,9 @@ class ReplicaState:
     num_requests_running: float = 0.0
     num_requests_waiting: float = 0.0
     kv_cache_usage: float | None = None
-    routed_since_scrape: int = 0  # requests sent since the scrape: the gauges do not count them yet
+    routed_since_scrape: int = 0  # requests sent since the scrape and still open: the gauges miss them
+    scrapes: int = 0  # successful scrapes so far: tells a request whether the gauges have seen it
+    scrape_failures: int = 0  # scrapes missed in a row
     failed_until: float = 0.0  # monotonic time; a connection failure keeps the replica out until then
 
     @property
@@ -84,15 +86,18 @@ class PrefixMatch:
     num_blocks: int  # leading blocks of the request's prompt that replica served
 
 
-@dataclass(frozen=True)
+@dataclass
 class Choice:
     replica: ReplicaState
     affinity: AffinityOutcome | None  # None: affinity was not consulted (off, or no prompt to hash)
+    counted_at_scrape: int | None = None  # set by the replica set when the request adds to the load
 
 
 def score(replica: ReplicaState, weights: ScoringWeights = DEFAULT_WEIGHTS) -> float:
-    """Lower is better. Requests routed since the last scrape count as running: the gauges do not
-    show them yet, and without them every request between two scrapes would go to one replica."""
+    """Lower is better. Requests routed since the last scrape and still open count as running: the
+    gauges do not show them yet, and without them every request between two scrapes would go to one
+    replica; one that has finished counts no more, or a replica serving short requests one after
+    another would look busy and lose its prefix affinity."""
     return (weights.waiting_weight * replica.num_requests_waiting
             + weights.running_weight * (replica.num_requests_running + replica.routed_since_scrape)
             + weights.kv_cache_weight * (replica.kv_cache_usage or 0.0))

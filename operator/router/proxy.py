@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import anyio
@@ -52,10 +52,11 @@ class UpstreamResponse(StreamingResponse):
     itself be a cancellation.
     """
 
-    def __init__(self, upstream: httpx.Response, replica: ReplicaState, metrics: RouterMetrics) -> None:
+    def __init__(self, upstream: httpx.Response, replica: ReplicaState, metrics: RouterMetrics,
+                 done: Callable[[], None] = lambda: None) -> None:
         headers = {name: value for name, value in upstream.headers.items() if name not in DROPPED_RESPONSE_HEADERS}
         super().__init__(self._relay(), status_code=upstream.status_code, headers=headers)
-        self.upstream, self.replica, self.metrics = upstream, replica, metrics
+        self.upstream, self.replica, self.metrics, self.done = upstream, replica, metrics, done
 
     async def _relay(self) -> AsyncIterator[bytes]:
         try:
@@ -71,6 +72,7 @@ class UpstreamResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
+            self.done()
             with anyio.CancelScope(shield=True):
                 await self.upstream.aclose()
 
@@ -145,15 +147,20 @@ def build_app(replica_set: ReplicaSet, metrics: RouterMetrics | None = None, con
                                            headers=headers)
             try:
                 upstream = await try_replica(replica, request)
-            except httpx.HTTPError as error:  # not a connection failure: the request itself went wrong
+            except BaseException as error:  # cancelled (the client left) or failed: the request is over
+                replica_set.release(choice)
+                if not isinstance(error, httpx.HTTPError):
+                    raise
                 log.error("replica %s: %s: %s", replica.label, type(error).__name__, error)
                 metrics.upstream_errors.labels(replica.label).inc()
                 metrics.requests.labels(replica.label, "502").inc()
                 return error_response(APIError(502, f"upstream {replica.label}: {error}", "upstream_error",
                                                code="upstream_error"))
-            if upstream is not None:
+            if upstream is None:
+                replica_set.release(choice)
+            else:
                 metrics.requests.labels(replica.label, str(upstream.status_code)).inc()
-                return UpstreamResponse(upstream, replica, metrics)
+                return UpstreamResponse(upstream, replica, metrics, lambda choice=choice: replica_set.release(choice))
         metrics.requests.labels(NO_REPLICA, "503").inc()
         return no_replica_response(len(replica_set.replicas), len(tried))
 

@@ -23,6 +23,7 @@ from .endpoints import Endpoint, EndpointSource
 from .policy import Choice, ReplicaState, ScoringWeights
 from .prefix import PrefixIndex
 
+SCRAPE_FAILURES_TOLERATED = 3  # misses in a row (timeouts) before a replica's load counts as unknown
 log = logging.getLogger("orca.router")
 
 RUNNING, WAITING, KV_USAGE = "orca:num_requests_running", "orca:num_requests_waiting", "orca:kv_cache_usage_perc"
@@ -83,9 +84,17 @@ class ReplicaSet:
         if choice is not None:
             if count_load:
                 choice.replica.routed_since_scrape += 1
+                choice.counted_at_scrape = choice.replica.scrapes
             if affinity:
                 self.prefix_index.record(block_hashes, choice.replica.address)
         return choice
+
+    def release(self, choice: Choice) -> None:
+        """The request sent by `choice` is over (answered, failed or abandoned). If no scrape has
+        happened since it was sent, it is still in routed_since_scrape: take it out."""
+        if choice.counted_at_scrape is not None and choice.counted_at_scrape == choice.replica.scrapes:
+            choice.replica.routed_since_scrape = max(0, choice.replica.routed_since_scrape - 1)
+        choice.counted_at_scrape = None
 
     def mark_failed(self, replica: ReplicaState) -> None:
         """Keep a replica that refused a connection out until the cooldown ends, even if a probe
@@ -131,7 +140,7 @@ class ReplicaSet:
         was_available = replica.metrics_ok and replica.ready_probe_ok and not replica.draining
         if isinstance(ready, httpx.Response):
             replica.ready_probe_ok, replica.draining = ready.status_code == 200, ready.status_code == 503
-        else:
+        elif isinstance(ready, httpx.ConnectError) or replica.scrape_failures + 1 >= SCRAPE_FAILURES_TOLERATED:
             replica.ready_probe_ok, replica.draining = False, False
         try:
             if not isinstance(metrics, httpx.Response):
@@ -139,16 +148,22 @@ class ReplicaSet:
             metrics.raise_for_status()
             running, waiting, kv_usage = parse_load(metrics.text)
         except Exception as error:
-            replica.metrics_ok = False
-            if was_available:
+            # A busy engine may miss one deadline: only a refused connection or several misses in a
+            # row make it unavailable; until then its last load stands.
+            replica.scrape_failures += 1
+            refused = isinstance(error, (httpx.ConnectError, httpx.HTTPStatusError))
+            if refused or replica.scrape_failures >= SCRAPE_FAILURES_TOLERATED or not replica.metrics_ok:
+                replica.metrics_ok = False
+            if was_available and not replica.metrics_ok:
                 log.warning("replica %s: metrics scrape failed (%s: %s)", replica.label, type(error).__name__,
                             error)
         else:
-            replica.metrics_ok = True
+            replica.metrics_ok, replica.scrape_failures = True, 0
             replica.num_requests_running, replica.num_requests_waiting, replica.kv_cache_usage = \
                 running, waiting, kv_usage
             # Requests routed while the scrape was in flight may not be in these gauges yet: keep them.
             replica.routed_since_scrape = max(0, replica.routed_since_scrape - routed_before)
+            replica.scrapes += 1
         available = replica.metrics_ok and replica.ready_probe_ok and not replica.draining
         if available != was_available:
             state = "available" if available else ("draining" if replica.draining else "unavailable")
