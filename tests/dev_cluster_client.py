@@ -1,4 +1,5 @@
-"""What the one-machine cluster tests share: a bounded wait, pod and router lookups, and chat calls."""
+"""What the Kubernetes tests share (the control plane alone and the one-machine cluster): a bounded
+wait, pod and router lookups, and chat calls."""
 from __future__ import annotations
 
 import asyncio

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 
+from dev_cluster_client import wait_for
 from k8s.cluster import OPERATOR_NAMESPACE, OPERATOR_SA, OPERATOR_TOKEN
 from orca.engine.distributed.contract import STAGE_LABEL
 
@@ -34,21 +34,6 @@ ROOT = Path(__file__).parent.parent
 CHART = str(ROOT / "charts/orca")
 G, V, P = "orca.dev", "v1alpha1", "orcadeployments"
 NS = "default"
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-        except ApiException as e:
-            if e.status != 404:
-                raise
-            result = None
-        if result:
-            return result
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
