@@ -37,7 +37,8 @@ def backends():
     yield "cpu", CpuAttentionBackend(KV_HEADS, kernels)
 
 
-def mixed_batch(dtype: torch.dtype, num_decodes: int, chunks: list[tuple[int, int]], seed: int = 0):
+def mixed_batch(dtype: torch.dtype, num_decodes: int, chunks: list[tuple[int, int]], seed: int = 0,
+                heads: int = HEADS, kv_heads: int = KV_HEADS, dim: int = DIM):
     """Decodes of random (unsorted) context lengths, then prompt chunks given as (query_len, earlier context)."""
     g = torch.Generator().manual_seed(seed)
     decode_lens = torch.randint(1, 300, (num_decodes,), generator=g).tolist()
@@ -46,12 +47,12 @@ def mixed_batch(dtype: torch.dtype, num_decodes: int, chunks: list[tuple[int, in
     width = int((seq_lens.max() + BS - 1) // BS)
     num_blocks = len(seq_lens) * width + 3
     tables = torch.randperm(num_blocks, generator=g)[: len(seq_lens) * width].view(len(seq_lens), width).to(torch.int32)
-    k_cache = torch.randn(num_blocks * BS, KV_HEADS, DIM, generator=g).to(dtype)
-    v_cache = torch.randn(num_blocks * BS, KV_HEADS, DIM, generator=g).to(dtype)
+    k_cache = torch.randn(num_blocks * BS, kv_heads, dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks * BS, kv_heads, dim, generator=g).to(dtype)
     query_start_loc = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
     query_start_loc[1:] = torch.tensor(query_lens).cumsum(0)
     num_tokens = int(query_start_loc[-1])
-    q = torch.randn(num_tokens, HEADS, DIM, generator=g).to(dtype)
+    q = torch.randn(num_tokens, heads, dim, generator=g).to(dtype)
     request = torch.repeat_interleave(torch.arange(len(query_lens)), torch.tensor(query_lens))
     positions = torch.arange(num_tokens) - query_start_loc[request].long() + (seq_lens[request] - torch.tensor(query_lens)[request]).long()
     slot_mapping = tables.long()[request, positions // BS] * BS + positions % BS
@@ -61,7 +62,7 @@ def mixed_batch(dtype: torch.dtype, num_decodes: int, chunks: list[tuple[int, in
                              slot_mapping=slot_mapping, num_decodes=num_decodes, num_actual_tokens=num_tokens,
                              block_size=BS, query_start_loc_cpu=query_start_loc, seq_lens_cpu=seq_lens,
                              max_seq_len=int(seq_lens.max()))
-    expected = reference(q, k_cache, v_cache, tables, query_start_loc, seq_lens, DIM ** -0.5)
+    expected = reference(q, k_cache, v_cache, tables, query_start_loc, seq_lens, dim ** -0.5)
     return q, k_new, v_new, k_cache, v_cache, meta, expected
 
 
@@ -73,6 +74,19 @@ def test_backends_match_reference_on_a_mixed_batch(dtype, tol):
         out = backend.forward(q, k_new, v_new, k_cache.clone(), v_cache.clone(), meta, backend.build(meta), DIM ** -0.5)
         err = (out.float() - expected).abs().max().item()
         assert err < tol, f"{name} backend differs from the reference by {err}"
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 128), (12, 2, 32), (2, 1, 256), (6, 3, 96)])
+def test_cpu_kernels_on_long_chunks(dtype, tol, heads, kv_heads, dim):
+    """Chunks longer than a query block and a context tile, with and without earlier context, and one row
+    past a tile boundary, for every compiled head size and a few query-head groupings."""
+    q, k_new, v_new, k_cache, v_cache, meta, expected = mixed_batch(
+        dtype, 3, [(100, 0), (70, 45), (1, 31), (33, 64)], seed=1, heads=heads, kv_heads=kv_heads, dim=dim)
+    backend = CpuAttentionBackend(kv_heads, cpu.load())
+    out = backend.forward(q, k_new, v_new, k_cache.clone(), v_cache.clone(), meta, backend.build(meta), dim ** -0.5)
+    err = (out.float() - expected).abs().max().item()
+    assert err < tol, f"heads={heads} kv_heads={kv_heads} dim={dim}: the CPU kernels differ from the reference by {err}"
 
 
 def test_padded_rows_store_nothing():

@@ -1,5 +1,8 @@
-"""CPU attention: single-query rows by the C++ kernel that reads the paged cache in place, prompt chunks
-as in the torch backend (SDPA runs at the CPU's GEMM speed there)."""
+"""CPU attention: C++ kernels that read the paged KV cache in place, for decode rows and prompt chunks alike.
+
+Nothing is gathered and nothing is built per step beyond the neutral metadata: a prompt chunk with
+earlier context (chunked prefill, a prefix-cache hit) reads that context from its blocks, as a decode does.
+"""
 from __future__ import annotations
 
 from types import ModuleType
@@ -7,12 +10,12 @@ from types import ModuleType
 import torch
 
 from .metadata import AttentionMetadata
-from .torch_backend import DecodeGroup, TorchAttentionBackend, TorchAttentionMetadata
 
 
-class CpuAttentionBackend(TorchAttentionBackend):
-    HEAD_DIMS = (32, 64, 96, 128, 256)  # the kernel's compiled specializations
-    MAX_GROUP = 16  # query heads per KV head
+class CpuAttentionBackend:
+    HEAD_DIMS = (32, 64, 96, 128, 256)  # the kernels' compiled specializations
+    MAX_GROUP = 16  # query heads per KV head (the decode kernel keeps one query per head in registers)
+    supports_cuda_graphs = False
 
     @classmethod
     def supports(cls, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> bool:
@@ -20,14 +23,28 @@ class CpuAttentionBackend(TorchAttentionBackend):
             and dtype in (torch.float32, torch.bfloat16)
 
     def __init__(self, num_kv_heads: int, kernels: ModuleType) -> None:
-        super().__init__(num_kv_heads)
+        self.num_kv_heads = num_kv_heads
         self.kernels = kernels
 
-    def _decode_groups(self, meta: AttentionMetadata) -> list[DecodeGroup]:
-        return []  # the kernel reads single-query rows' context in place: nothing to gather
+    def build(self, meta: AttentionMetadata) -> torch.Tensor:
+        """The slots the step writes: padded rows (past num_actual_tokens) write nothing."""
+        return meta.slot_mapping[:meta.num_actual_tokens]
 
-    def decode(self, out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               meta: AttentionMetadata, built: TorchAttentionMetadata, scale: float) -> None:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata, store_slots: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        """q: [T, H, D]; k, v: [T, KVH, D]; caches: [slots, KVH, D]. Returns [T, H, D].
+
+        The step's own K and V go into the cache first, so both kernels find every position there.
+        """
+        self.kernels.reshape_and_cache(k, v, k_cache, v_cache, store_slots)
+        q = q.contiguous()
+        out = torch.empty_like(q)
         n = meta.num_decodes
-        self.kernels.paged_decode_attention(out, q.contiguous(), k_cache, v_cache, meta.block_tables[:n],
-                                            meta.seq_lens[:n], meta.block_size, scale)
+        if n:
+            self.kernels.paged_decode_attention(out[:n], q[:n], k_cache, v_cache, meta.block_tables[:n],
+                                                meta.seq_lens[:n], meta.block_size, scale)
+        if meta.num_reqs > n:
+            self.kernels.paged_prefill_attention(out, q, k_cache, v_cache, meta.block_tables[n:],
+                                                 meta.query_start_loc[n:], meta.seq_lens[n:], meta.block_size, scale)
+        return out
