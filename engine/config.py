@@ -35,6 +35,8 @@ class EngineConfig:
     device: str = "auto"
     max_batch_size: int = 256
     max_num_batched_tokens: int = 4096
+    # While requests decode, iterations hold at most this many tokens, decodes first (None: no cap)
+    decode_token_budget: int | None = None
     max_model_len: int | None = None
     kv_cache_memory: str | float = "4GiB"  # bytes ("4GiB", 1000000) or a fraction of free memory (0.3)
     block_size: int = 16

@@ -33,7 +33,7 @@ class LLMEngine:
         self.device, self.dtype = self.executor.device, self.executor.dtype
         self.block_manager = BlockManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_num_batched_tokens,
-                                                   self.max_model_len, config.preemption,
+                                                   config.decode_token_budget, self.max_model_len, config.preemption,
                                                    tuple(self.model_config.eos_token_ids)), self.block_manager)
         self.requests: dict[str, Sequence] = {}
         self.processor = OutputProcessor(self.tokenizer)  # text for step(); AsyncLLMEngine keeps its own

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from orca.kernels import ops
+
 from .attention.metadata import AttentionMetadata, ForwardContext, set_forward_context
 from .attention.selector import select_backend
 from .config import EngineConfig, ModelConfig
@@ -60,6 +62,9 @@ class ModelRunner:
         with torch.device(self.device):
             self.model = LlamaForCausalLM(loaded.config).to(self.dtype)
         self.model.load_weights(loaded.weights(lambda name: self.model.parameter_name(name) is not None))
+        for module in self.model.modules():
+            if hasattr(module, "process_weights_after_loading"):
+                module.process_weights_after_loading()
         self.model.eval()
         self.parallel = parallel_state.get()
         self.attention_layers = [self.model.model.layers[i].self_attn.attn for i in self.model.model.stage_layers]
@@ -193,13 +198,16 @@ class ModelRunner:
         Earlier stages return the activations for the next one; later stages take them as `intermediate`.
         """
         inputs = self.prepare(batch)
-        hidden = self.execute(inputs, intermediate)
-        if not self.parallel.is_last_stage:
-            return hidden
-        sampling = [i for i in inputs.order if batch.seqs[i].num_computed_tokens + batch.num_new_tokens[i] == len(batch.seqs[i])]
-        if not sampling:
-            return {}
-        logits = self.model.compute_logits(hidden[self._to_device(inputs.logit_rows)])
+        invariant = self.batch_invariant or any(seq.params.seed is not None for seq in batch.seqs)
+        with ops.batch_invariant_gemms(invariant):
+            hidden = self.execute(inputs, intermediate)
+            if not self.parallel.is_last_stage:
+                return hidden
+            sampling = [i for i in inputs.order
+                        if batch.seqs[i].num_computed_tokens + batch.num_new_tokens[i] == len(batch.seqs[i])]
+            if not sampling:
+                return {}
+            logits = self.model.compute_logits(hidden[self._to_device(inputs.logit_rows)])
         if self.parallel.tensor_rank != 0:
             return {}
         tokens, logprobs = self.sampler(logits, [batch.seqs[i] for i in sampling])

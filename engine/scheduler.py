@@ -16,6 +16,10 @@ SampledTokens = dict[int, tuple[int, dict[int, float] | None]]  # batch index ->
 class SchedulerConfig:
     max_batch_size: int = 256
     max_num_batched_tokens: int = 4096
+    # Tokens an iteration may hold while requests are decoding (Sarathi-Serve's stall-free batching):
+    # decodes first, prompt chunks get the rest, so a burst of prompts cannot stretch every running
+    # request's next token. None: max_num_batched_tokens, decoding or not.
+    decode_token_budget: int | None = None
     max_model_len: int = 2048
     preemption: str = "reserve"  # "reserve" (Orca) or "recompute"
     eos_token_ids: tuple[int, ...] = ()
@@ -27,6 +31,8 @@ class SchedulerConfig:
             raise ValueError(f"max_batch_size={self.max_batch_size} must be >= 1")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= 1")
+        if self.decode_token_budget is not None and self.decode_token_budget < 1:
+            raise ValueError(f"decode_token_budget={self.decode_token_budget} must be >= 1")
 
 
 @dataclass
@@ -83,13 +89,17 @@ class Scheduler:
     def schedule(self, num_free_batches: int = 1) -> ScheduledBatch:
         """The next batch. With `num_free_batches` > 1 pipeline slots open, it takes only its share of
         the requests that could run, so the next batch has requests of its own and every stage stays busy."""
-        budget = self.config.max_num_batched_tokens
         seqs: list[Sequence] = []
         counts: list[int] = []
         self.running.sort(key=_order)
         idle = sum(seq not in self.in_flight for seq in self.running) + len(self.waiting)
         share = -(-idle // num_free_batches)
-        for seq in list(self.running):
+        ready = [seq for seq in self.running if seq not in self.in_flight]
+        decoding = [seq for seq in ready if not seq.in_prefill]
+        budget = self.config.max_num_batched_tokens
+        if decoding and self.config.decode_token_budget is not None:  # every decode still fits
+            budget = min(budget, max(self.config.decode_token_budget, min(len(decoding), share)))
+        for seq in decoding + [seq for seq in ready if seq.in_prefill]:  # decodes first
             if budget == 0 or len(seqs) >= share:
                 break
             if seq.status is not SequenceStatus.RUNNING or seq in self.in_flight:  # a victim below, or busy

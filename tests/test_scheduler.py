@@ -184,3 +184,30 @@ def test_huge_top_k_means_no_top_k() -> None:
     seqs = [Sequence(f"r{i}", [1], SamplingParams(top_k=k, seed=1)) for i, k in enumerate((2**70, -1))]
     tokens, _ = Sampler()(logits, seqs)
     assert tokens[0] == tokens[1]  # same seed, same distribution
+
+
+def test_decode_token_budget_chunks_prompts_while_requests_decode() -> None:
+    """While requests decode, an iteration holds at most decode_token_budget tokens: the decodes, then
+    prompt chunks in what is left; with nobody decoding, prompts get the whole max_num_batched_tokens."""
+    bm = BlockManager(num_blocks=200, block_size=BS)
+    s = Scheduler(SchedulerConfig(max_batch_size=16, max_num_batched_tokens=256, decode_token_budget=24,
+                                  max_model_len=1000), bm)
+    first = make(100, 8, rid="first", first=0)
+    s.add(first)
+    assert step(s) == [(first, 100)]  # nobody decodes yet
+    second, third = make(40, 8, rid="second", first=1000), make(30, 8, rid="third", first=2000)
+    s.add(second)
+    s.add(third)
+    assert step(s) == [(first, 1), (second, 23)]
+    assert step(s) == [(first, 1), (second, 17), (third, 6)]
+    assert step(s) == [(first, 1), (second, 1), (third, 22)]
+    assert step(s) == [(first, 1), (second, 1), (third, 2)]
+    assert step(s) == [(first, 1), (second, 1), (third, 1)]
+    s.config.decode_token_budget = 2  # fewer than the decodes: every decode still runs
+    s.add(make(10, 8, rid="fourth", first=3000))
+    assert [n for _, n in step(s)] == [1, 1, 1]
+
+
+def test_decode_token_budget_is_validated() -> None:
+    with pytest.raises(ValueError, match="decode_token_budget"):
+        SchedulerConfig(decode_token_budget=0)

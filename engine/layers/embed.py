@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orca.kernels import ops
+
 from ..distributed import parallel_state as parallel
-from .linear import linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -37,7 +38,12 @@ class ParallelLMHead(VocabParallelEmbedding):
     def __init__(self, vocab_size: int, hidden: int) -> None:
         super().__init__(vocab_size, hidden)
         self.vocab_size = vocab_size
+        self.packed_weight: torch.Tensor | None = None
+
+    def process_weights_after_loading(self) -> None:
+        """Lay the (possibly tied) weight out once for the device's GEMM; the embedding keeps the plain one."""
+        self.packed_weight = ops.pack_linear_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = linear(x, self.weight)  # model dtype: the sampler upcasts only rows that need it
+        logits = ops.linear(x, self.weight, self.packed_weight)  # model dtype: the sampler upcasts only rows that need it
         return parallel.all_gather_last_dim(logits)[:, :self.vocab_size]

@@ -2,23 +2,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from orca.kernels import ops
+
 from ..distributed import parallel_state as parallel
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`F.linear` whose rows do not depend on how many rows share the call.
-
-    On CPUs a one-row product goes to a GEMV that splits the reduction differently from the GEMM that
-    two rows or more take, so in bf16 a decode running alone gets logits a few last bits away from the
-    same decode beside others, and a seeded sample can flip. Two rows always take the GEMM, so a lone
-    row is computed as two. (GPU libraries pick kernels by shape too; their kernels answer for that.)
-    """
-    if x.shape[0] == 1 and x.device.type == "cpu":
-        return F.linear(x.expand(2, -1).contiguous(), weight)[:1]
-    return F.linear(x, weight)
 
 
 class LinearBase(nn.Module):
@@ -27,6 +15,11 @@ class LinearBase(nn.Module):
         self.tp_dim, self.rank, self.world = tp_dim, parallel.tp_rank(), parallel.tp_size()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.packed_weight: torch.Tensor | None = None
+
+    def process_weights_after_loading(self) -> None:
+        """Lay the loaded weight out once for the device's GEMM (the model runner calls this after loading)."""
+        self.packed_weight = ops.pack_linear_weight(self.weight)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None) -> None:
         param.data.copy_(loaded)
@@ -37,7 +30,7 @@ class ReplicatedLinear(LinearBase):
         super().__init__(in_features, out_features, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+        return ops.linear(x, self.weight, self.packed_weight)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -53,7 +46,7 @@ class ColumnParallelLinear(LinearBase):
         param.data.copy_(loaded.narrow(0, self.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+        return ops.linear(x, self.weight, self.packed_weight)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -118,4 +111,4 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(loaded.narrow(1, self.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return parallel.all_reduce(linear(x, self.weight))
+        return parallel.all_reduce(ops.linear(x, self.weight, self.packed_weight))

@@ -43,6 +43,15 @@ inline __m512 load16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
+// Blocks sit anywhere in the cache, so the hardware prefetcher loses the stream at every block
+// boundary; fetching the next block's rows of this head while the current one computes hides that.
+template <int DIM, typename T>
+inline void prefetch_block(const T* p, int64_t tokens, int64_t row) {
+  constexpr int kLine = 64 / sizeof(T);
+  for (int64_t t = 0; t < tokens; ++t, p += row)
+    for (int d = 0; d < DIM; d += kLine) _mm_prefetch(reinterpret_cast<const char*>(p + d), _MM_HINT_T0);
+}
+
 // One (request, KV head): scores for every context token, softmax, weighted sum of values.
 template <typename T, int DIM>
 void decode_task(const Problem& P, const T* q, const T* k_cache, const T* v_cache, T* out, int64_t seq,
@@ -58,6 +67,7 @@ void decode_task(const Problem& P, const T* q, const T* k_cache, const T* v_cach
   scores.resize(G * len);
   for (int64_t t0 = 0; t0 < len; t0 += bs) {
     const T* kp = k_cache + static_cast<int64_t>(table[t0 / bs]) * bs * row + kvh * DIM;
+    if (t0 + bs < len) prefetch_block<DIM>(k_cache + static_cast<int64_t>(table[t0 / bs + 1]) * bs * row + kvh * DIM, bs, row);
     for (int64_t t = t0, end = std::min(len, t0 + bs); t < end; ++t, kp += row) {
       __m512 k[V];
       for (int i = 0; i < V; ++i) k[i] = load16(kp + 16 * i);
@@ -74,6 +84,7 @@ void decode_task(const Problem& P, const T* q, const T* k_cache, const T* v_cach
     for (int i = 0; i < V; ++i) acc[g][i] = _mm512_setzero_ps();
   for (int64_t t0 = 0; t0 < len; t0 += bs) {
     const T* vp = v_cache + static_cast<int64_t>(table[t0 / bs]) * bs * row + kvh * DIM;
+    if (t0 + bs < len) prefetch_block<DIM>(v_cache + static_cast<int64_t>(table[t0 / bs + 1]) * bs * row + kvh * DIM, bs, row);
     for (int64_t t = t0, end = std::min(len, t0 + bs); t < end; ++t, vp += row) {
       __m512 v[V];
       for (int i = 0; i < V; ++i) v[i] = load16(vp + 16 * i);
