@@ -64,11 +64,11 @@ def serve_master(args: argparse.Namespace, config: EngineConfig, environment: Wo
     from .drain import DrainingServer
     from .metrics import Metrics
 
-    engine = LLMEngine(config, environment)
-    name = args.served_model_name or engine.model_name
+    engine = AsyncLLMEngine.build(lambda: LLMEngine(config, environment))
+    name = args.served_model_name or engine.engine.model_name
     metrics = Metrics(name)
-    state = ServerState(AsyncLLMEngine(engine, on_step=metrics.on_step), name, metrics,
-                        api_key=args.api_key or None, max_waiting=args.max_waiting)
+    engine.on_step = metrics.on_step
+    state = ServerState(engine, name, metrics, api_key=args.api_key or None, max_waiting=args.max_waiting)
     # The drain already gave requests their time; uvicorn's own grace period only lets the last
     # bytes of finished responses out, so the exit comes soon after --drain-timeout.
     config = uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level=args.log_level,
