@@ -25,7 +25,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-token-budget", type=int, default=d.decode_token_budget,
                    help="while requests decode, an iteration holds at most this many tokens: decodes first, "
                         "prompt chunks in the rest (Sarathi-Serve), so prompts cannot stall the next tokens "
-                        "(default: max-num-batched-tokens)")
+                        "(default: %(default)s; none: --max-num-batched-tokens)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-memory", default=d.kv_cache_memory, help="bytes (4GiB) or fraction of free memory (0.3)")
     p.add_argument("--block-size", type=int, default=d.block_size)
