@@ -45,6 +45,8 @@ inline __m512 load16(const at::BFloat16* p) {
 
 // Blocks sit anywhere in the cache, so the hardware prefetcher loses the stream at every block
 // boundary; fetching the next block's rows of this head while the current one computes hides that.
+constexpr int64_t kAhead = 2;  // blocks fetched ahead of the one being computed
+
 template <int DIM, typename T>
 inline void prefetch_block(const T* p, int64_t tokens, int64_t row) {
   constexpr int kLine = 64 / sizeof(T);
@@ -65,9 +67,11 @@ void decode_task(const Problem& P, const T* q, const T* k_cache, const T* v_cach
     for (int i = 0; i < V; ++i)
       qv[g][i] = _mm512_mul_ps(load16(q + (seq * P.heads + kvh * G + g) * DIM + 16 * i), scale);
   scores.resize(G * len);
+  for (int64_t b = 1; b < kAhead && b * bs < len; ++b)
+    prefetch_block<DIM>(k_cache + static_cast<int64_t>(table[b]) * bs * row + kvh * DIM, bs, row);
   for (int64_t t0 = 0; t0 < len; t0 += bs) {
     const T* kp = k_cache + static_cast<int64_t>(table[t0 / bs]) * bs * row + kvh * DIM;
-    if (t0 + bs < len) prefetch_block<DIM>(k_cache + static_cast<int64_t>(table[t0 / bs + 1]) * bs * row + kvh * DIM, bs, row);
+    if (t0 + kAhead * bs < len) prefetch_block<DIM>(k_cache + static_cast<int64_t>(table[t0 / bs + kAhead]) * bs * row + kvh * DIM, bs, row);
     for (int64_t t = t0, end = std::min(len, t0 + bs); t < end; ++t, kp += row) {
       __m512 k[V];
       for (int i = 0; i < V; ++i) k[i] = load16(kp + 16 * i);
@@ -78,13 +82,15 @@ void decode_task(const Problem& P, const T* q, const T* k_cache, const T* v_cach
       }
     }
   }
+  for (int64_t b = 0; b < kAhead && b * bs < len; ++b)  // arrives while the softmax runs
+    prefetch_block<DIM>(v_cache + static_cast<int64_t>(table[b]) * bs * row + kvh * DIM, bs, row);
   for (int64_t g = 0; g < G; ++g) softmax(scores.data() + g * len, len);
   __m512 acc[kMaxGroup][V];
   for (int64_t g = 0; g < G; ++g)
     for (int i = 0; i < V; ++i) acc[g][i] = _mm512_setzero_ps();
   for (int64_t t0 = 0; t0 < len; t0 += bs) {
     const T* vp = v_cache + static_cast<int64_t>(table[t0 / bs]) * bs * row + kvh * DIM;
-    if (t0 + bs < len) prefetch_block<DIM>(v_cache + static_cast<int64_t>(table[t0 / bs + 1]) * bs * row + kvh * DIM, bs, row);
+    if (t0 + kAhead * bs < len) prefetch_block<DIM>(v_cache + static_cast<int64_t>(table[t0 / bs + kAhead]) * bs * row + kvh * DIM, bs, row);
     for (int64_t t = t0, end = std::min(len, t0 + bs); t < end; ++t, vp += row) {
       __m512 v[V];
       for (int i = 0; i < V; ++i) v[i] = load16(vp + 16 * i);
