@@ -25,7 +25,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-token-budget", type=int, default=d.decode_token_budget,
                    help="while requests decode, an iteration holds at most this many tokens: decodes first, "
                         "prompt chunks in the rest (Sarathi-Serve), so prompts cannot stall the next tokens "
-                        "(default: %(default)s; none: --max-num-batched-tokens)")
+                        "(default: %(default)s; 0: no cap but --max-num-batched-tokens)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-memory", default=d.kv_cache_memory, help="bytes (4GiB) or fraction of free memory (0.3)")
     p.add_argument("--block-size", type=int, default=d.block_size)
@@ -48,7 +48,7 @@ def engine_config(args: argparse.Namespace, environment: WorkerEnvironment | Non
     environment = environment or WorkerEnvironment()
     return EngineConfig(model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
                         max_batch_size=args.max_batch_size, max_num_batched_tokens=args.max_num_batched_tokens,
-                        decode_token_budget=args.decode_token_budget, max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
+                        decode_token_budget=args.decode_token_budget or None, max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
                         block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
                         preemption=args.preemption, batch_invariant=args.batch_invariant, enforce_eager=args.enforce_eager,
                         tensor_parallel_size=args.tensor_parallel_size or environment.tensor_parallel_size,

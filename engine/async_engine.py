@@ -63,7 +63,10 @@ class AsyncLLMEngine:
             engine._thread = threading.current_thread()
             built.set_result(engine)
             engine._started.wait()
-            engine._run()
+            try:
+                engine._run()
+            finally:  # worker processes die with the thread that started them: stop them in order first
+                engine.engine.shutdown()
 
         threading.Thread(target=model_thread, name="orca-model-loop", daemon=True).start()
         return built.result()

@@ -105,7 +105,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING or seq in self.in_flight:  # a victim below, or busy
                 continue
             n = min(len(seq) - seq.num_computed_tokens, budget)
-            if self.config.preemption == "recompute" and not self._grow(seq, seq.num_computed_tokens + n):
+            if self.config.preemption == "recompute" and not self._grow(seq, seq.num_computed_tokens + n, seqs):
                 continue
             seqs.append(seq)
             counts.append(n)
@@ -155,11 +155,12 @@ class Scheduler:
         self.remove_finished()
         return updates
 
-    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
-        """Make room for `seq` by preempting the newest running requests; False if `seq` itself was preempted."""
+    def _grow(self, seq: Sequence, num_tokens: int, scheduled: list[Sequence]) -> bool:
+        """Make room for `seq` by preempting the newest running requests outside this batch (decodes are
+        scheduled first, so a newer one may already be in it); False if `seq` itself was preempted."""
         while not self.bm.can_allocate(seq, num_tokens):
-            victim = max((s for s in self.running if s.status is SequenceStatus.RUNNING and s not in self.in_flight),
-                         key=_order)
+            victim = max((s for s in self.running if s.status is SequenceStatus.RUNNING and s not in self.in_flight
+                          and s not in scheduled), key=_order)
             self.preempt(victim)
             if victim is seq:
                 return False

@@ -59,9 +59,11 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """The weight in oneDNN's blocked layout, for `linear`, or None where the plain weight serves.
 
     `F.linear` on CPU re-lays a bf16 weight out for oneDNN on every call; packed once after loading,
-    the GEMMs run 1.07x (thousands of rows) to 2x (a few rows) faster here. float32 keeps MKL's GEMM.
+    the GEMMs run 1.07x (thousands of rows) to 2x (a few rows) faster here, for a second copy of every
+    weight in memory. float32 keeps MKL's GEMM.
     """
-    if provider(weight.device.type) != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+    if provider(weight.device.type) != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available() \
+            or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
 

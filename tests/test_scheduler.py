@@ -211,3 +211,30 @@ def test_decode_token_budget_chunks_prompts_while_requests_decode() -> None:
 def test_decode_token_budget_is_validated() -> None:
     with pytest.raises(ValueError, match="decode_token_budget"):
         SchedulerConfig(decode_token_budget=0)
+
+
+@pytest.mark.parametrize("decode_token_budget", [None, 6])
+def test_recompute_batches_hold_only_running_requests_with_blocks(decode_token_budget: int | None) -> None:
+    """Under block pressure with chunked prompts, decodes first: every request of a batch is running, once,
+    with blocks for its new tokens (a victim of preemption must come from outside the batch being built)."""
+    rng = random.Random(3)
+    bm = BlockManager(num_blocks=24, block_size=BS, enable_prefix_caching=False)
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_num_batched_tokens=12, decode_token_budget=decode_token_budget,
+                                  max_model_len=1000, preemption="recompute"), bm)
+    seqs = [make(rng.randint(4, 30), rng.randint(4, 20), rid=str(i), first=100 * i) for i in range(16)]
+    for i, q in enumerate(seqs):
+        q.arrival_time = float(i)
+        s.add(q)
+    for _ in range(10_000):
+        if not s.has_work():
+            break
+        batch = s.schedule()
+        assert len({id(q) for q in batch.seqs}) == len(batch.seqs), "a request twice in one batch"
+        assert all(q.status is SequenceStatus.RUNNING for q in batch.seqs), "a preempted request left in the batch"
+        for q, n in zip(batch.seqs, batch.num_new_tokens):
+            assert len(q.block_table) * BS >= q.num_computed_tokens + n  # its new KV has blocks of its own
+        sampled = {i: (7, None) for i, (q, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
+                   if q.num_computed_tokens + n == len(q)}
+        s.update_from_output(batch, sampled)
+    assert all(q.is_finished and q.num_output_tokens == q.params.max_tokens for q in seqs)
+    assert s.num_preemptions > 0 and bm.num_free_blocks == bm.num_blocks

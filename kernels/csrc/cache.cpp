@@ -12,8 +12,14 @@ void reshape_and_cache(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, 
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && slot_mapping.scalar_type() == torch::kInt64,
               "reshape_and_cache: contiguous caches and int64 slots");
   const int64_t rows = slot_mapping.size(0), width = k_cache.size(1) * k_cache.size(2);
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.size(0) >= rows && v.size(0) >= rows &&
+              k.size(1) * k.size(2) == width && v.size(1) * v.size(2) == width && v_cache.sizes() == k_cache.sizes(),
+              "reshape_and_cache: K, V and the caches disagree in shape");
   const auto slots = slot_mapping.contiguous();
   const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t num_slots = k_cache.size(0);
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(slot[r] < num_slots, "reshape_and_cache: slot ", slot[r], " is past the cache's ", num_slots);
   const int64_t item = k_cache.element_size();
   const int64_t k_stride = k.stride(0) * item, v_stride = v.stride(0) * item;
   TORCH_CHECK(k.stride(-1) == 1 && v.stride(-1) == 1 && k.stride(1) == k.size(2) && v.stride(1) == v.size(2),

@@ -271,6 +271,8 @@ void paged_prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k
   const int64_t n = lens.size(0), heads = q.size(1), dim = q.size(2), kv_heads = k_cache.size(1);
   TORCH_CHECK(starts.size(0) == n + 1, "paged_prefill_attention: query_start_loc needs one entry per request plus one");
   TORCH_CHECK(heads % kv_heads == 0, "paged_prefill_attention: query heads must be a multiple of KV heads");
+  TORCH_CHECK(out.sizes() == q.sizes() && k_cache.size(2) == dim && v_cache.sizes() == k_cache.sizes(),
+              "paged_prefill_attention: out, q and the caches disagree in shape");
   const Problem P{tables.data_ptr<int32_t>(), starts.data_ptr<int32_t>(), lens.data_ptr<int32_t>(), tables.size(1),
                   heads, kv_heads, heads / kv_heads, block_size, static_cast<float>(scale)};
 #define ORCA_DISPATCH(DIM)                                                                                 \
