@@ -3,6 +3,7 @@
 // here each (request, KV head) task reads its blocks once, for all query heads that share them.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include "dispatch.h"
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -166,22 +167,9 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   TORCH_CHECK(heads % kv_heads == 0 && heads / kv_heads <= kMaxGroup, "paged_decode_attention: bad head counts");
   const Problem P{tables.data_ptr<int32_t>(), lens.data_ptr<int32_t>(), tables.size(1), heads, kv_heads,
                   heads / kv_heads, block_size, static_cast<float>(scale)};
-#define ORCA_DISPATCH(DIM)                                                                                \
-  if (dim == DIM) {                                                                                      \
-    if (q.scalar_type() == torch::kBFloat16)                                                             \
-      decode<at::BFloat16, DIM>(P, q.data_ptr<at::BFloat16>(), k_cache.data_ptr<at::BFloat16>(),          \
-                                v_cache.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), n);       \
-    else                                                                                                 \
-      decode<float, DIM>(P, q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),    \
-                         out.data_ptr<float>(), n);                                                       \
-    return;                                                                                              \
-  }
-  ORCA_DISPATCH(64)
-  ORCA_DISPATCH(128)
-  ORCA_DISPATCH(32)
-  ORCA_DISPATCH(96)
-  ORCA_DISPATCH(256)
-#undef ORCA_DISPATCH
-  TORCH_CHECK(false, "paged_decode_attention: unsupported head_dim ", dim);
+  dispatch_attention(q.scalar_type(), dim, "paged_decode_attention", [&](auto element, auto head_dim) {
+    using T = decltype(element);
+    decode<T, decltype(head_dim)::value>(P, q.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), out.data_ptr<T>(), n);
+  });
 }
 

@@ -6,6 +6,7 @@
 // and the weighted sum run as register-blocked FMAs, and tiles past a block's last position are skipped.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include "dispatch.h"
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -275,21 +276,8 @@ void paged_prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k
               "paged_prefill_attention: out, q and the caches disagree in shape");
   const Problem P{tables.data_ptr<int32_t>(), starts.data_ptr<int32_t>(), lens.data_ptr<int32_t>(), tables.size(1),
                   heads, kv_heads, heads / kv_heads, block_size, static_cast<float>(scale)};
-#define ORCA_DISPATCH(DIM)                                                                                 \
-  if (dim == DIM) {                                                                                       \
-    if (q.scalar_type() == torch::kBFloat16)                                                              \
-      prefill<at::BFloat16, DIM>(P, q.data_ptr<at::BFloat16>(), k_cache.data_ptr<at::BFloat16>(),          \
-                                 v_cache.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), n);       \
-    else                                                                                                  \
-      prefill<float, DIM>(P, q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),    \
-                          out.data_ptr<float>(), n);                                                       \
-    return;                                                                                               \
-  }
-  ORCA_DISPATCH(64)
-  ORCA_DISPATCH(128)
-  ORCA_DISPATCH(32)
-  ORCA_DISPATCH(96)
-  ORCA_DISPATCH(256)
-#undef ORCA_DISPATCH
-  TORCH_CHECK(false, "paged_prefill_attention: unsupported head_dim ", dim);
+  dispatch_attention(q.scalar_type(), dim, "paged_prefill_attention", [&](auto element, auto head_dim) {
+    using T = decltype(element);
+    prefill<T, decltype(head_dim)::value>(P, q.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), out.data_ptr<T>(), n);
+  });
 }
