@@ -1,4 +1,4 @@
-"""Runs Triton kernels on CPUs for tests: the interpreter, with three of its gaps closed.
+"""Runs Triton kernels on CPUs for tests: the interpreter, with four of its gaps closed.
 
 Import this before any module that decorates Triton kernels: `TRITON_INTERPRET` is read then.
 """
@@ -25,12 +25,15 @@ def use_interpreter_without_cuda() -> ModuleType:
 
 @functools.cache  # patch once, however many test modules ask
 def _fix_interpreter() -> None:
-    """Three interpreter gaps that are not the kernels' behaviour on GPUs, closed for these tests.
+    """Four interpreter gaps that are not the kernels' behaviour on GPUs, closed for these tests.
 
     * It truncates float32 -> bfloat16 casts; compiled Triton (and torch) round to nearest even. Left
       alone, bf16 results would differ from torch's by the interpreter's rounding, not the kernels'.
     * Its `tl.dot` multiplies bfloat16 operands as their raw 16-bit patterns; they are widened first
       here, which is exact (tensor cores multiply bf16 exactly and accumulate in float32 as well).
+    * Its `tl.dot` is `np.matmul`, whose BLAS sums a row in an order that depends on the row's place
+      in the tile (numpy 2.4's OpenBLAS does), while a GPU's MMA gives each row the same order. The
+      products are summed here in one fixed order over k, so batch-invariance tests test the kernels.
     * Its scalars are one-element arrays, and numpy >= 2.4 refuses `int()` on those, so a loop whose
       bound was loaded from memory (`range(lo, hi)`) fails before it starts.
     """
@@ -57,7 +60,15 @@ def _fix_interpreter() -> None:
 
     def dot(self: Any, a: interpreter.TensorHandle, b: interpreter.TensorHandle, acc: interpreter.TensorHandle,
             input_precision: Any, max_num_imprecise_acc: int) -> interpreter.TensorHandle:
-        return raw_dot(self, widen(a), widen(b), acc, input_precision, max_num_imprecise_acc)
+        a, b = widen(a), widen(b)
+        if not (a.dtype.scalar.is_floating() and b.dtype.scalar.is_floating()) or a.dtype.primitive_bitwidth == 8:
+            return raw_dot(self, a, b, acc, input_precision, max_num_imprecise_acc)
+        dtype = acc.data.dtype
+        left, right = a.data.astype(dtype), b.data.astype(dtype)
+        total = acc.data.copy()
+        for k in range(left.shape[-1]):
+            total += left[..., :, k, None] * right[..., k, None, :]
+        return interpreter.TensorHandle(total, acc.dtype.scalar)
 
     patch_tensor = interpreter._patch_lang_tensor
 
