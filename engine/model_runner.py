@@ -62,10 +62,9 @@ class ModelRunner:
         with torch.device(self.device):
             self.model = LlamaForCausalLM(loaded.config).to(self.dtype)
         self.model.load_weights(loaded.weights(lambda name: self.model.parameter_name(name) is not None))
-        if not self.batch_invariant:  # every step would take the plain GEMM: packed copies would only cost memory
-            for module in self.model.modules():
-                if hasattr(module, "process_weights_after_loading"):
-                    module.process_weights_after_loading()
+        for module in self.model.modules():
+            if hasattr(module, "process_weights_after_loading"):
+                module.process_weights_after_loading()
         self.model.eval()
         self.parallel = parallel_state.get()
         self.attention_layers = [self.model.model.layers[i].self_attn.attn for i in self.model.model.stage_layers]

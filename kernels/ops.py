@@ -43,9 +43,8 @@ _gemm_mode = threading.local()
 def batch_invariant_gemms(enabled: bool) -> Iterator[None]:
     """Within this block `linear` computes each row the same way whatever else shares the call.
 
-    The packed oneDNN GEMM is not batch invariant: past some row count it splits a long reduction
-    (the MLP's down projection) differently. Steps with a seeded request, or a batch-invariant engine,
-    take the plain GEMM, which is; every other step takes the faster packed one.
+    Steps with a seeded request, or every step of a batch-invariant engine, run in it; the others take
+    the fastest GEMM, invariant or not.
     """
     previous = getattr(_gemm_mode, "invariant", False)
     _gemm_mode.invariant = enabled
@@ -58,27 +57,57 @@ def batch_invariant_gemms(enabled: bool) -> Iterator[None]:
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """The weight in oneDNN's blocked layout, for `linear`, or None where the plain weight serves.
 
-    `F.linear` on CPU re-lays a bf16 weight out for oneDNN on every call; packed once after loading,
-    the GEMMs run 1.07x (thousands of rows) to 2x (a few rows) faster here, for a second copy of every
-    weight in memory. float32 keeps MKL's GEMM.
+    On CPUs `F.linear` takes MKL's GEMM in float32, which on AMD EPYCs runs far below the machine
+    (3x slower than oneDNN's with a few rows, 1.9x with 256, on an AVX2 EPYC), and re-lays a bf16
+    weight out for oneDNN on every call (1.07x to 2x slower than packed, on an AVX-512 EPYC). Packed
+    once after loading, for a second copy of every weight in memory.
     """
-    if provider(weight.device.type) != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available() \
-            or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if provider(weight.device.type) != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) \
+            or not torch.backends.mkldnn.is_available() \
+            or (weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
-    """`x @ weight.T`, by the packed GEMM where there is one, unless rows must not depend on the batch.
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
-    Plain `F.linear` is batch invariant with one exception, handled here: on CPUs a one-row product goes to a GEMV that splits the reduction differently from the GEMM
-    that two rows or more take, so in bf16 a decode running alone gets logits a few last bits away
-    from the same decode beside others, and a seeded sample can flip. Two rows always take the GEMM,
-    so a lone row is computed as two. (GPU libraries pick kernels by shape too; their kernels answer
-    for that.)
+
+# Row counts a step's GEMM may have: below, at and above the library's blocking thresholds.
+_PROBE_ROWS = (1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17, 31, 32, 33, 64, 65, 100, 128, 129, 256, 257, 512, 513, 1024, 2048)
+_PROBE_FLOPS = 6e10  # per weight shape, once per process: the LM head is probed up to 256 rows
+
+
+@functools.cache
+def packed_gemm_is_batch_invariant(dtype: torch.dtype, out_features: int, in_features: int, threads: int) -> bool:
+    """Whether oneDNN's packed GEMM gives a row the same bits whatever the row count, measured here.
+
+    It depends on the CPU, the library and the thread count: on an AVX-512 EPYC the bf16 GEMM splits
+    the MLP's long reduction differently past some row count, while on an AVX2 one the float32 GEMM
+    is invariant and MKL's plain one is not (rows differ below 12 rows and off multiples of four). So
+    it is measured, on random data of the shape, for row counts up to a bound on the probe's cost.
     """
-    if packed is not None and not getattr(_gemm_mode, "invariant", False):
-        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    g = torch.Generator().manual_seed(0)
+    rows = [r for r in _PROBE_ROWS if sum(q for q in _PROBE_ROWS if q <= r) * 2 * out_features * in_features <= _PROBE_FLOPS]
+    packed = torch.ops.mkldnn._reorder_linear_weight(torch.randn(out_features, in_features, generator=g).to(dtype))
+    x = torch.randn(max(rows, default=1), in_features, generator=g).to(dtype)
+    full = _packed_linear(x, packed)
+    return all(torch.equal(_packed_linear(x[:r], packed), full[:r]) for r in rows)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ weight.T`, by the packed GEMM where there is one, unless rows must not depend on the batch
+    and the packed GEMM has not been measured to give them that here.
+
+    Plain `F.linear` is then the fallback, with one exception handled: on CPUs a one-row product goes
+    to a GEMV that splits the reduction differently from the GEMM that two rows or more take, so in
+    bf16 a decode running alone gets logits a few last bits away from the same decode beside others,
+    and a seeded sample can flip. A lone row is computed as two. (GPU libraries pick kernels by shape
+    too; their kernels answer for that.)
+    """
+    if packed is not None and (not getattr(_gemm_mode, "invariant", False) or packed_gemm_is_batch_invariant(
+            weight.dtype, weight.shape[0], weight.shape[1], torch.get_num_threads())):
+        return _packed_linear(x, packed)
     if x.shape[0] == 1 and x.device.type == "cpu":
         return F.linear(x.expand(2, -1).contiguous(), weight)[:1]
     return F.linear(x, weight)
