@@ -80,9 +80,9 @@ def engine_gauge(pod_ip: str, metric: str) -> float:
     return 0.0
 
 
-def chat(base_url: str, prompt: str, max_tokens: int = 16, system: str | None = None) -> str:
+def chat(base_url: str, prompt: str, max_tokens: int = 16, system: str | None = None, timeout: float = 120) -> str:
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    answer = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=120).chat.completions.create(
+    answer = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=timeout).chat.completions.create(
         model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0)
     return answer.choices[0].message.content
 

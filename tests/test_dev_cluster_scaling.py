@@ -35,6 +35,9 @@ PROMPTS = ["Say hi", "Name a colour", "Count to three", "What is 2+2?", "Name a 
 SYSTEM = " ".join(f"Rule {i}: answer politely, briefly and truthfully, and never mention rule {i + 1}."
                   for i in range(20))
 TIMELINE: dict[str, float] = {}
+# A request queued on the first replica while new ones start beside it on the same two CPUs can wait
+# minutes; it is lost only if it never comes back.
+LOAD_TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +130,7 @@ class Load:
 
     def one(self, prompt: str, max_tokens: int = 24) -> None:
         try:
-            text = chat(self.url, prompt, max_tokens=max_tokens)
+            text = chat(self.url, prompt, max_tokens=max_tokens, timeout=LOAD_TIMEOUT_S)
             good = text == self.expected[(prompt, max_tokens)]
         except Exception as e:  # counted and printed: the acceptance is zero of these
             good, text = False, f"{type(e).__name__}: {e}"
@@ -146,8 +149,9 @@ class Load:
             self.futures.append(self.pool.submit(self.one, PROMPTS[i % len(PROMPTS)]))
 
     def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
         for future in self.futures:
-            future.result(timeout=timeout)
+            future.result(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def test_autoscaling_up_under_load_and_down_without_losing_a_request(objects, dev_core) -> None:
@@ -169,9 +173,9 @@ def test_autoscaling_up_under_load_and_down_without_losing_a_request(objects, de
             if max_tokens == 24:
                 seconds.append(time.monotonic() - started)
     load = Load(url, expected)
-    # 1.5x what one replica answers (two at a time), at most 4/s: a queue builds for the autoscaler
-    # on any machine, and replicas sharing its CPUs still clear it within the clients' timeout.
-    rate = min(4.0, 1.5 * 2 / statistics.median(seconds))
+    # 1.25x what one replica answers (two at a time), at most 4/s: a queue builds for the autoscaler
+    # on any machine, and the replicas sharing its CPUs clear it once the new ones are up.
+    rate = min(4.0, 1.25 * 2 / statistics.median(seconds))
 
     load_started, heavy_stop = time.monotonic(), threading.Event()
     sender = threading.Thread(target=load.poisson, args=(rate, 400, heavy_stop))
@@ -186,7 +190,7 @@ def test_autoscaling_up_under_load_and_down_without_losing_a_request(objects, de
     finally:
         heavy_stop.set()
     sender.join(timeout=120)
-    load.wait(timeout=300)
+    load.wait(timeout=LOAD_TIMEOUT_S + 60)
     load_stopped = time.monotonic()
     spread = router_counts(url)
     assert len([n for n in spread.values() if n > 0]) >= 2, spread
