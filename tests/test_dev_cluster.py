@@ -134,8 +134,16 @@ def test_deleting_an_engine_pod_mid_stream_drains_it(dev_cluster, dev_core) -> N
     finished: dict[str, Any] = {}
     first_chunk = threading.Event()
 
+    # The stream must outlive the pre-stop hook and end within the engine's drain timeout (30 s): about
+    # 15 s of this machine's decoding, measured first on a short stream.
+    started, probe = time.monotonic(), list(stream_client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=48, temperature=0, stream=True,
+        extra_body={"ignore_eos": True}))
+    tokens_per_s = len(probe) / (time.monotonic() - started)
+    max_tokens = int(min(400, max(60, 15 * tokens_per_s)))
+
     def stream() -> None:
-        for chunk in stream_client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=400,
+        for chunk in stream_client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=max_tokens,
                                                       temperature=0, stream=True, extra_body={"ignore_eos": True}):
             chunks.append(chunk.choices[0].text)
             first_chunk.set()
@@ -157,7 +165,7 @@ def test_deleting_an_engine_pod_mid_stream_drains_it(dev_cluster, dev_core) -> N
     for prompt in PROMPTS:
         assert chat(url, prompt)
     reader.join(timeout=240)
-    assert finished.get("reason") == "length" and len(chunks) >= 400, (finished, len(chunks))
+    assert finished.get("reason") == "length" and len(chunks) >= max_tokens, (finished, len(chunks), max_tokens)
     # the stream outlived the pre-stop hook, so SIGTERM reached the engine while it still streamed
     assert finished["at"] - deleted_at > 5
 
