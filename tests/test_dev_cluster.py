@@ -135,12 +135,12 @@ def test_deleting_an_engine_pod_mid_stream_drains_it(dev_cluster, dev_core) -> N
     first_chunk = threading.Event()
 
     # The stream must outlive the pre-stop hook and end within the engine's drain timeout (30 s): about
-    # 15 s of this machine's decoding, measured first on a short stream.
+    # 12 s of this machine's decoding, measured first on a short stream.
     started, probe = time.monotonic(), list(stream_client.completions.create(
         model=MODEL, prompt="Once upon a time", max_tokens=48, temperature=0, stream=True,
         extra_body={"ignore_eos": True}))
     tokens_per_s = len(probe) / (time.monotonic() - started)
-    max_tokens = int(min(400, max(60, 15 * tokens_per_s)))
+    max_tokens = int(min(400, max(24, 12 * tokens_per_s)))
 
     def stream() -> None:
         for chunk in stream_client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=max_tokens,
