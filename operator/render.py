@@ -187,7 +187,8 @@ def statefulset(od: Obj, replica: int) -> Obj:
                   {"name": "master", "containerPort": contract.DEFAULT_MASTER_PORT, "protocol": "TCP"},
                   *({"name": f"worker-{rank}", "containerPort": contract.DEFAULT_WORKER_PORT + rank, "protocol": "TCP"}
                     for rank in range(tp))],
-        "env": contract.pod_env(tp, pp, group, ns),
+        # Engines sharing a node's cores: OpenMP threads that spin while waiting starve the other pods' threads.
+        "env": [*contract.pod_env(tp, pp, group, ns), {"name": "OMP_WAIT_POLICY", "value": "PASSIVE"}],
         "readinessProbe": {"httpGet": {"path": "/ready", "port": PORT, "scheme": "HTTP"}, "periodSeconds": 2,
                            "failureThreshold": 3, "timeoutSeconds": 2, "successThreshold": 1},
         # Loading a model (and building kernels) takes minutes on a cold node: liveness waits for start-up.
