@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import itertools
 import os
 import threading
 from collections.abc import Iterator
@@ -88,7 +89,8 @@ def packed_gemm_is_batch_invariant(dtype: torch.dtype, out_features: int, in_fea
     it is measured, on random data of the shape, for row counts up to a bound on the probe's cost.
     """
     g = torch.Generator().manual_seed(0)
-    rows = [r for r in _PROBE_ROWS if sum(q for q in _PROBE_ROWS if q <= r) * 2 * out_features * in_features <= _PROBE_FLOPS]
+    rows = [r for r, probed in zip(_PROBE_ROWS, itertools.accumulate(_PROBE_ROWS))
+            if probed * 2 * out_features * in_features <= _PROBE_FLOPS]
     packed = torch.ops.mkldnn._reorder_linear_weight(torch.randn(out_features, in_features, generator=g).to(dtype))
     x = torch.randn(max(rows, default=1), in_features, generator=g).to(dtype)
     full = _packed_linear(x, packed)
