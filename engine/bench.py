@@ -83,10 +83,11 @@ def add_bench_args(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    """What both benchmarks need to build the engine; bfloat16 by default, as served on a GPU."""
+    """What both benchmarks need to build the engine; the dtype `orca serve` picks by default (bfloat16 on a GPU
+    or a CPU with native bf16, float32 on one without, where bf16 GEMMs run several times slower)."""
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--load-format", choices=LOAD_FORMATS, default="auto", help=LOAD_FORMAT_HELP)
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (the baseline runs on the engine's)")
 
 
@@ -153,7 +154,7 @@ def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
         row = {"batch_size": size, "step_ms": step * 1e3, "forward_ms": fwd * 1e3, "overhead_pct": (step - fwd) / fwd * 100}
         rows.append(row)
         print(f"{size:>6} {row['step_ms']:>9.2f} {row['forward_ms']:>10.2f} {row['overhead_pct']:>10.1f}")
-    result = {**_model_fields(args, str(engine.device)), "rows": rows}
+    result = {**_model_fields(args, str(engine.device), str(engine.dtype).removeprefix("torch.")), "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -174,7 +175,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
         del llm
         runs.append(run_hf_baseline(prefix, args.model, args.baseline_dtype or dtype, args.baseline_batch_size,
                                     args.load_format, device))
-    result = _summarize(args, runs, device)
+    result = _summarize(args, runs, device, dtype)
     print_report(result)
     if args.json:
         with open(args.json, "w") as f:
@@ -306,32 +307,34 @@ def _result(name: str, reqs: list[BenchRequest], seconds: float) -> RunResult:
     )
 
 
-def _summarize(args: argparse.Namespace, runs: list[RunResult], device: str) -> dict[str, Any]:
+def _summarize(args: argparse.Namespace, runs: list[RunResult], device: str, dtype: str) -> dict[str, Any]:
     """Collect every number (runs and the same-run ratio) into one JSON-serializable dict.
 
     Only ratios against a baseline timed in this run are printed: absolute speeds drift between days
     and machines, so a ratio against a figure from elsewhere says nothing. `orca bench serve --url`
     compares against a peer server.
     """
-    result: dict[str, Any] = {**_model_fields(args, device), "runs": [r.as_dict() for r in runs]}
+    result: dict[str, Any] = {**_model_fields(args, device, dtype), "runs": [r.as_dict() for r in runs]}
     if len(runs) == 3:
         result["ratio_engine_over_baseline"] = runs[1].total_tok_s / runs[2].total_tok_s
     return result
 
 
-def _model_fields(args: argparse.Namespace, device: str) -> dict[str, Any]:
-    """What ran, for the JSON; a dummy model is named by its config, since no weight file exists."""
+def _model_fields(args: argparse.Namespace, device: str, dtype: str) -> dict[str, Any]:
+    """What ran (the resolved dtype, not "auto"), for the JSON; a dummy model is named by its config, since no weight file exists."""
     if args.load_format == "dummy":
         from orca.engine.loaders.dummy import config_file
 
         model = config_file(args.model)
     else:
         model = args.model or bundled_model_path()
-    return {"model": model, "load_format": args.load_format, "dtype": args.dtype, "device": device}
+    return {"model": model, "load_format": args.load_format, "dtype": dtype, "device": device}
 
 
 def print_report(result: dict[str, Any]) -> None:
     """Print the runs as a table, then the ratios."""
+    if "dtype" in result:
+        print(f"engine on {result['device']} in {result['dtype']}")
     header = f"{'run':<30} {'requests':>8} {'prompt tok':>10} {'gen tok':>8} {'seconds':>8} {'gen tok/s':>10} {'total tok/s':>11}"
     print(header)
     print("-" * len(header))

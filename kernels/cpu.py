@@ -23,10 +23,13 @@ _SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", name)
 # because the build is cached per machine (torch keys the cache on the flags and sources).
 _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 _NAME = "orca_cpu_kernels"
+# The kernels' vector code is AVX-512 where the CPU has it, else AVX2 (`csrc/simd.h`), else portable C++.
+# The other builds let one machine's tests cover what AMD Zen 2/3 (AVX2) and non-x86 CPUs run.
+ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"], "portable": ["-mno-avx2"]}
 
 
 @functools.cache
-def load() -> ModuleType | None:
+def load(isa: str = "native") -> ModuleType | None:
     # torch looks for `ninja` on PATH; the pip-installed one sits next to this interpreter.
     bin_dir = os.path.dirname(sys.executable)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
@@ -37,13 +40,14 @@ def load() -> ModuleType | None:
         # torch's build lock is a plain file: a process killed while holding it (even while loading an
         # up-to-date build) leaves every later one waiting forever. An flock dies with its holder, so
         # whoever holds it is alone and may clear a lock file left behind.
-        directory = _get_build_directory(_NAME, verbose=False)
+        name = _NAME if isa == "native" else f"{_NAME}_{isa}"
+        directory = _get_build_directory(name, verbose=False)
         with open(os.path.join(directory, "orca.flock"), "w") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)
             stale = os.path.join(directory, "lock")
             if os.path.exists(stale):
                 os.remove(stale)
-            return build(_NAME, _SOURCES, extra_cflags=_CFLAGS, verbose=False)
+            return build(name, _SOURCES, extra_cflags=_CFLAGS + ISA_FLAGS[isa], verbose=False)
     except Exception as e:  # no compiler, no ninja, unsupported platform: stay correct, just slower
         log.warning("CPU kernels unavailable (%s); using torch ops, which are slower", e)
         return None

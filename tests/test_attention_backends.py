@@ -2,6 +2,8 @@
 chunks (with and without earlier context in the cache), built from the same neutral metadata."""
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,12 +31,30 @@ def reference(q, k_cache, v_cache, tables, query_start_loc, seq_lens, scale):
     return out
 
 
-def backends():
-    yield "torch", TorchAttentionBackend(KV_HEADS)
-    kernels = cpu.load()
+def _has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
+
+
+# The kernels' vector code for this CPU, on an AVX-512 CPU also their AVX2 code (AMD Zen 2/3 runs that),
+# and the portable code non-x86 CPUs run.
+ISAS = ["native"] + (["avx2"] if _has_avx512() else []) + (["portable"] if platform.machine() == "x86_64" else [])
+
+
+def cpu_kernels(isa: str = "native"):
+    kernels = cpu.load(isa)
     if kernels is None:
         pytest.fail("the CPU kernel did not build (compiler and ninja are installed by `make`)")
-    yield "cpu", CpuAttentionBackend(KV_HEADS, kernels)
+    return kernels
+
+
+def backends():
+    yield "torch", TorchAttentionBackend(KV_HEADS)
+    for isa in ISAS:
+        yield f"cpu ({isa})", CpuAttentionBackend(KV_HEADS, cpu_kernels(isa))
 
 
 def mixed_batch(dtype: torch.dtype, num_decodes: int, chunks: list[tuple[int, int]], seed: int = 0,
@@ -78,15 +98,16 @@ def test_backends_match_reference_on_a_mixed_batch(dtype, tol):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 128), (12, 2, 32), (2, 1, 256), (6, 3, 96)])
-def test_cpu_kernels_on_long_chunks(dtype, tol, heads, kv_heads, dim):
+@pytest.mark.parametrize("isa", ISAS)
+def test_cpu_kernels_on_long_chunks(dtype, tol, heads, kv_heads, dim, isa):
     """Chunks longer than a query block and a context tile, with and without earlier context, and one row
     past a tile boundary, for every compiled head size and a few query-head groupings."""
     q, k_new, v_new, k_cache, v_cache, meta, expected = mixed_batch(
         dtype, 3, [(100, 0), (70, 45), (1, 31), (33, 64)], seed=1, heads=heads, kv_heads=kv_heads, dim=dim)
-    backend = CpuAttentionBackend(kv_heads, cpu.load())
+    backend = CpuAttentionBackend(kv_heads, cpu_kernels(isa))
     out = backend.forward(q, k_new, v_new, k_cache.clone(), v_cache.clone(), meta, backend.build(meta), dim ** -0.5)
     err = (out.float() - expected).abs().max().item()
-    assert err < tol, f"heads={heads} kv_heads={kv_heads} dim={dim}: the CPU kernels differ from the reference by {err}"
+    assert err < tol, f"{isa}: heads={heads} kv_heads={kv_heads} dim={dim}: the CPU kernels differ from the reference by {err}"
 
 
 def test_padded_rows_store_nothing():

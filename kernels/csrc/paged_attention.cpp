@@ -8,9 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <vector>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace {
 
@@ -37,80 +35,103 @@ inline void softmax(float* s, int64_t len) {
   for (int64_t t = 0; t < len; ++t) s[t] *= inv;
 }
 
-#if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-
+#if defined(ORCA_SIMD)
 // Blocks sit anywhere in the cache, so the hardware prefetcher loses the stream at every block
-// boundary; fetching the next block's rows of this head while the current one computes hides that.
+// boundary; fetching the next block's rows while the current one computes hides that.
 constexpr int64_t kAhead = 2;  // blocks fetched ahead of the one being computed
 
-template <int DIM, typename T>
-inline void prefetch_block(const T* p, int64_t tokens, int64_t row) {
+template <typename T>
+inline void prefetch_block(const T* p, int64_t tokens, int64_t row, int64_t width) {
   constexpr int kLine = 64 / sizeof(T);
   for (int64_t t = 0; t < tokens; ++t, p += row)
-    for (int d = 0; d < DIM; d += kLine) _mm_prefetch(reinterpret_cast<const char*>(p + d), _MM_HINT_T0);
+    for (int64_t d = 0; d < width; d += kLine) _mm_prefetch(reinterpret_cast<const char*>(p + d), _MM_HINT_T0);
 }
 
-// One (request, KV head): scores for every context token, softmax, weighted sum of values.
+// Softmax in place, vectorized (the scalar one's exp does not vectorize on every compiler).
+inline void softmax_simd(float* s, int64_t len) {
+  using simd::vfloat;
+  constexpr int L = simd::kLanes;
+  const int64_t whole = len / L * L;
+  vfloat vmax = simd::set1(-3.4e38f);
+  for (int64_t t = 0; t < whole; t += L) vmax = simd::max(vmax, simd::load(s + t));
+  alignas(64) float lanes[L];
+  simd::store(lanes, vmax);
+  float mx = lanes[0];
+  for (int i = 1; i < L; ++i) mx = std::max(mx, lanes[i]);
+  for (int64_t t = whole; t < len; ++t) mx = std::max(mx, s[t]);
+  const vfloat vmx = simd::set1(mx);
+  vfloat vsum = simd::zero();
+  for (int64_t t = 0; t < whole; t += L) {
+    const vfloat e = simd::exp(simd::sub(simd::load(s + t), vmx));
+    simd::store(s + t, e);
+    vsum = simd::add(vsum, e);
+  }
+  float sum = simd::reduce_add(vsum);
+  for (int64_t t = whole; t < len; ++t) { s[t] = std::exp(s[t] - mx); sum += s[t]; }
+  const vfloat inv = simd::set1(1.f / sum);
+  for (int64_t t = 0; t < whole; t += L) simd::store(s + t, simd::mul(simd::load(s + t), inv));
+  for (int64_t t = whole; t < len; ++t) s[t] *= 1.f / sum;
+}
+
+// One request's KV heads [h0, h1): scores for every context token, softmax, weighted sum of values.
+// A block's rows are read whole (all the range's KV heads side by side), as one stream per block;
+// one head's 1/kv_heads slice of each row, strided, left DRAM bandwidth unused.
 template <typename T, int DIM>
 void decode_task(const Problem& P, const T* q, const T* k_cache, const T* v_cache, T* out, int64_t seq,
-                 int64_t kvh, std::vector<float>& scores) {
-  constexpr int V = DIM / 16;
+                 int64_t h0, int64_t h1, std::vector<float>& scores, std::vector<float>& accumulators) {
+  using simd::vfloat;
+  constexpr int L = simd::kLanes, V = DIM / L;
   const int64_t len = P.lens[seq], G = P.group, bs = P.block_size, row = P.kv_heads * DIM;
+  const int64_t heads = (h1 - h0) * G, width = (h1 - h0) * DIM;  // query heads, row elements of the range
   const int32_t* table = P.tables + seq * P.width;
-  __m512 qv[kMaxGroup][V];
-  const __m512 scale = _mm512_set1_ps(P.scale);
-  for (int64_t g = 0; g < G; ++g)
-    for (int i = 0; i < V; ++i)
-      qv[g][i] = _mm512_mul_ps(load16(q + (seq * P.heads + kvh * G + g) * DIM + 16 * i), scale);
-  scores.resize(G * len);
-  for (int64_t b = 1; b < kAhead && b * bs < len; ++b)
-    prefetch_block<DIM>(k_cache + static_cast<int64_t>(table[b]) * bs * row + kvh * DIM, bs, row);
+  const T* q0 = q + (seq * P.heads + h0 * G) * DIM;
+  scores.resize(heads * len);
+  const auto block_of = [&](const T* cache, int64_t b) { return cache + static_cast<int64_t>(table[b]) * bs * row + h0 * DIM; };
+  for (int64_t b = 1; b < kAhead && b * bs < len; ++b) prefetch_block(block_of(k_cache, b), bs, row, width);
   for (int64_t t0 = 0; t0 < len; t0 += bs) {
-    const T* kp = k_cache + static_cast<int64_t>(table[t0 / bs]) * bs * row + kvh * DIM;
-    if (t0 + kAhead * bs < len) prefetch_block<DIM>(k_cache + static_cast<int64_t>(table[t0 / bs + kAhead]) * bs * row + kvh * DIM, bs, row);
-    for (int64_t t = t0, end = std::min(len, t0 + bs); t < end; ++t, kp += row) {
-      __m512 k[V];
-      for (int i = 0; i < V; ++i) k[i] = load16(kp + 16 * i);
-      for (int64_t g = 0; g < G; ++g) {
-        __m512 a = _mm512_mul_ps(qv[g][0], k[0]);
-        for (int i = 1; i < V; ++i) a = _mm512_fmadd_ps(qv[g][i], k[i], a);
-        scores[g * len + t] = _mm512_reduce_add_ps(a);
+    if (t0 + kAhead * bs < len) prefetch_block(block_of(k_cache, t0 / bs + kAhead), bs, row, width);
+    const T* block = block_of(k_cache, t0 / bs);
+    const int64_t count = std::min(bs, len - t0);
+    for (int64_t h = 0; h < heads; ++h) {
+      vfloat qv[V];
+      for (int i = 0; i < V; ++i) qv[i] = simd::mul(simd::load(q0 + h * DIM + L * i), simd::set1(P.scale));
+      const T* kp = block + (h / G) * DIM;
+      float* sh = scores.data() + h * len + t0;
+      for (int64_t t = 0; t < count; ++t, kp += row) {
+        vfloat a = simd::mul(qv[0], simd::load(kp));
+        for (int i = 1; i < V; ++i) a = simd::fmadd(qv[i], simd::load(kp + L * i), a);
+        sh[t] = simd::reduce_add(a);
       }
     }
   }
   for (int64_t b = 0; b < kAhead && b * bs < len; ++b)  // arrives while the softmax runs
-    prefetch_block<DIM>(v_cache + static_cast<int64_t>(table[b]) * bs * row + kvh * DIM, bs, row);
-  for (int64_t g = 0; g < G; ++g) softmax(scores.data() + g * len, len);
-  __m512 acc[kMaxGroup][V];
-  for (int64_t g = 0; g < G; ++g)
-    for (int i = 0; i < V; ++i) acc[g][i] = _mm512_setzero_ps();
+    prefetch_block(block_of(v_cache, b), bs, row, width);
+  for (int64_t h = 0; h < heads; ++h) softmax_simd(scores.data() + h * len, len);
+  accumulators.assign(heads * DIM, 0.f);
   for (int64_t t0 = 0; t0 < len; t0 += bs) {
-    const T* vp = v_cache + static_cast<int64_t>(table[t0 / bs]) * bs * row + kvh * DIM;
-    if (t0 + kAhead * bs < len) prefetch_block<DIM>(v_cache + static_cast<int64_t>(table[t0 / bs + kAhead]) * bs * row + kvh * DIM, bs, row);
-    for (int64_t t = t0, end = std::min(len, t0 + bs); t < end; ++t, vp += row) {
-      __m512 v[V];
-      for (int i = 0; i < V; ++i) v[i] = load16(vp + 16 * i);
-      for (int64_t g = 0; g < G; ++g) {
-        const __m512 p = _mm512_set1_ps(scores[g * len + t]);
-        for (int i = 0; i < V; ++i) acc[g][i] = _mm512_fmadd_ps(p, v[i], acc[g][i]);
+    if (t0 + kAhead * bs < len) prefetch_block(block_of(v_cache, t0 / bs + kAhead), bs, row, width);
+    const T* block = block_of(v_cache, t0 / bs);
+    const int64_t count = std::min(bs, len - t0);
+    for (int64_t h = 0; h < heads; ++h) {
+      float* o = accumulators.data() + h * DIM;
+      vfloat acc[V];
+      for (int i = 0; i < V; ++i) acc[i] = simd::load(o + L * i);
+      const T* vp = block + (h / G) * DIM;
+      const float* sh = scores.data() + h * len + t0;
+      for (int64_t t = 0; t < count; ++t, vp += row) {
+        const vfloat p = simd::set1(sh[t]);
+        for (int i = 0; i < V; ++i) acc[i] = simd::fmadd(p, simd::load(vp + L * i), acc[i]);
       }
+      for (int i = 0; i < V; ++i) simd::store(o + L * i, acc[i]);
     }
   }
-  alignas(64) float res[DIM];
-  for (int64_t g = 0; g < G; ++g) {
-    for (int i = 0; i < V; ++i) _mm512_store_ps(res + 16 * i, acc[g][i]);
-    T* o = out + (seq * P.heads + kvh * G + g) * DIM;
-    for (int d = 0; d < DIM; ++d) from_float(res[d], o + d);
-  }
+  for (int64_t h = 0; h < heads; ++h)
+    for (int i = 0; i < V; ++i)
+      simd::store_as(out + (seq * P.heads + h0 * G + h) * DIM + L * i, simd::load(accumulators.data() + h * DIM + L * i));
 }
 #else
 template <typename T, int DIM>
-void decode_task(const Problem& P, const T* q, const T* k_cache, const T* v_cache, T* out, int64_t seq,
+void decode_head(const Problem& P, const T* q, const T* k_cache, const T* v_cache, T* out, int64_t seq,
                  int64_t kvh, std::vector<float>& scores) {
   const int64_t len = P.lens[seq], G = P.group, bs = P.block_size;
   const int32_t* table = P.tables + seq * P.width;
@@ -135,17 +156,28 @@ void decode_task(const Problem& P, const T* q, const T* k_cache, const T* v_cach
   for (int64_t g = 0; g < G; ++g)
     for (int d = 0; d < DIM; ++d) from_float(acc[g][d], out + (seq * P.heads + kvh * G + g) * DIM + d);
 }
+
+template <typename T, int DIM>
+void decode_task(const Problem& P, const T* q, const T* k_cache, const T* v_cache, T* out, int64_t seq,
+                 int64_t h0, int64_t h1, std::vector<float>& scores, std::vector<float>&) {
+  for (int64_t kvh = h0; kvh < h1; ++kvh) decode_head<T, DIM>(P, q, k_cache, v_cache, out, seq, kvh, scores);
+}
 #endif
 
 template <typename T, int DIM>
 void decode(const Problem& P, const T* q, const T* k_cache, const T* v_cache, T* out, int64_t num_seqs) {
+  // A task is one request's KV heads, split into parts only when there are too few requests to keep
+  // every thread busy (a lone decode still spreads over its KV heads).
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = std::min<int64_t>(P.kv_heads, (2 * threads + num_seqs - 1) / num_seqs);
   // Rows arrive sorted by context length; interleave short and long ones so both threads' halves
   // of the task range carry about the same work.
-  at::parallel_for(0, num_seqs * P.kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
+  at::parallel_for(0, num_seqs * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, accumulators;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t r = task / P.kv_heads, seq = (r % 2 == 0) ? r / 2 : num_seqs - 1 - r / 2;
-      decode_task<T, DIM>(P, q, k_cache, v_cache, out, seq, task % P.kv_heads, scores);
+      const int64_t r = task / parts, part = task % parts, seq = (r % 2 == 0) ? r / 2 : num_seqs - 1 - r / 2;
+      decode_task<T, DIM>(P, q, k_cache, v_cache, out, seq, part * P.kv_heads / parts,
+                          (part + 1) * P.kv_heads / parts, scores, accumulators);
     }
   });
 }

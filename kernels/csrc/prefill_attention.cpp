@@ -11,9 +11,7 @@
 #include <atomic>
 #include <cmath>
 #include <vector>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace {
 
@@ -38,7 +36,7 @@ struct Task {
   int64_t request, kv_head, first_row, num_rows, cost;
 };
 
-// Per-thread buffers, sized for the largest task (rows = kQueryBlock x group, padded to 16).
+// Per-thread buffers, sized for the largest task (rows = kQueryBlock x group, padded to 16 lanes).
 struct Workspace {
   std::vector<float> qt, k, v, scores, o, max, sum, alpha;
   std::vector<int32_t> pos;
@@ -64,91 +62,85 @@ void load_tile(const Problem& P, const T* cache, int64_t request, int64_t kv_hea
   }
 }
 
-#if defined(__AVX512F__)
-// exp for the softmax: Cephes' polynomial on the reduced argument, scaled by 2^n.
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-100.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
+#if defined(ORCA_SIMD)
+using simd::vfloat;
+constexpr int L = simd::kLanes;
+constexpr int kRowsPerBlock = 32;  // query rows whose scores a tile computes together: 32 / L vectors
 
-// scores[t][j] = sum_d k[t][d] * qt[d][m0 + j] for the tile's tokens and NV x 16 rows from m0.
+// scores[t][j] = sum_d k[t][d] * qt[d][m0 + j] for the tile's tokens and NV x L rows from m0.
 template <int DIM, int NV>
 inline void tile_scores(const float* qt, int64_t stride, const float* k, int64_t m0, float* scores) {
-  constexpr int kTokens = 8;
+  constexpr int kTokens = L == 16 ? 8 : 2;  // accumulators: kTokens x NV, within the 32 (16) registers
   for (int64_t t0 = 0; t0 < kTile; t0 += kTokens) {
-    __m512 acc[kTokens][NV];
+    vfloat acc[kTokens][NV];
     for (int t = 0; t < kTokens; ++t)
-      for (int j = 0; j < NV; ++j) acc[t][j] = _mm512_setzero_ps();
+      for (int j = 0; j < NV; ++j) acc[t][j] = simd::zero();
     for (int d = 0; d < DIM; ++d) {
-      __m512 qv[NV];
-      for (int j = 0; j < NV; ++j) qv[j] = _mm512_loadu_ps(qt + d * stride + m0 + 16 * j);
+      vfloat qv[NV];
+      for (int j = 0; j < NV; ++j) qv[j] = simd::load(qt + d * stride + m0 + L * j);
       for (int t = 0; t < kTokens; ++t) {
-        const __m512 kv = _mm512_set1_ps(k[(t0 + t) * DIM + d]);
-        for (int j = 0; j < NV; ++j) acc[t][j] = _mm512_fmadd_ps(kv, qv[j], acc[t][j]);
+        const vfloat kv = simd::set1(k[(t0 + t) * DIM + d]);
+        for (int j = 0; j < NV; ++j) acc[t][j] = simd::fmadd(kv, qv[j], acc[t][j]);
       }
     }
     for (int t = 0; t < kTokens; ++t)
-      for (int j = 0; j < NV; ++j) _mm512_storeu_ps(scores + (t0 + t) * 32 + 16 * j, acc[t][j]);
+      for (int j = 0; j < NV; ++j) simd::store(scores + (t0 + t) * 32 + L * j, acc[t][j]);
   }
 }
 
-// Online softmax over one tile for 16 rows at column j of `scores`: masks positions past each row's
+// Online softmax over one tile for L rows at column j of `scores`: masks positions past each row's
 // own, turns scores into weights in place, and returns the factor that rescales the rows' old sums.
-inline __m512 tile_softmax(float* scores, int64_t j, int64_t n0, const int32_t* pos, float* max, float* sum) {
-  const __m512i rows = _mm512_loadu_si512(pos);
-  __m512 tile_max = _mm512_set1_ps(kMasked);
+inline vfloat tile_softmax(float* scores, int64_t j, int64_t n0, const int32_t* pos, float* max, float* sum) {
+  const simd::vint rows = simd::load_int(pos);
+  const vfloat masked = simd::set1(kMasked);
+  vfloat tile_max = masked;
+  for (int64_t t = 0; t < kTile; ++t)
+    tile_max = simd::max(tile_max, simd::keep_if_at_most(static_cast<int32_t>(n0 + t), rows,
+                                                         simd::load(scores + t * 32 + j), masked));
+  const vfloat old_max = simd::load(max), new_max = simd::max(old_max, tile_max);
+  const vfloat alpha = simd::exp(simd::sub(old_max, new_max));
+  vfloat total = simd::zero();
   for (int64_t t = 0; t < kTile; ++t) {
-    const __mmask16 keep = _mm512_cmple_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(n0 + t)), rows);
-    const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(kMasked), keep, _mm512_loadu_ps(scores + t * 32 + j));
-    tile_max = _mm512_max_ps(tile_max, s);
+    const vfloat p = simd::keep_if_at_most(static_cast<int32_t>(n0 + t), rows,
+                                           simd::exp(simd::sub(simd::load(scores + t * 32 + j), new_max)),
+                                           simd::zero());
+    simd::store(scores + t * 32 + j, p);
+    total = simd::add(total, p);
   }
-  const __m512 old_max = _mm512_loadu_ps(max), new_max = _mm512_max_ps(old_max, tile_max);
-  const __m512 alpha = exp512(_mm512_sub_ps(old_max, new_max));
-  __m512 total = _mm512_setzero_ps();
-  for (int64_t t = 0; t < kTile; ++t) {
-    const __mmask16 keep = _mm512_cmple_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(n0 + t)), rows);
-    const __m512 p = _mm512_maskz_mov_ps(keep, exp512(_mm512_sub_ps(_mm512_loadu_ps(scores + t * 32 + j), new_max)));
-    _mm512_storeu_ps(scores + t * 32 + j, p);
-    total = _mm512_add_ps(total, p);
-  }
-  _mm512_storeu_ps(max, new_max);
-  _mm512_storeu_ps(sum, _mm512_fmadd_ps(_mm512_loadu_ps(sum), alpha, total));
+  simd::store(max, new_max);
+  simd::store(sum, simd::fmadd(simd::load(sum), alpha, total));
   return alpha;
 }
 
 // o[m] = o[m] * alpha[m] + sum_t weights[t][m] * v[t] for `count` rows from m0.
 template <int DIM>
 inline void tile_values(const float* weights, const float* v, const float* alpha, int64_t m0, int64_t count, float* o) {
-  constexpr int V = DIM / 16, R = DIM <= 64 ? 4 : (DIM <= 128 ? 2 : 1);
+  constexpr int V = DIM / L, kAccumulators = L == 16 ? 16 : 8, R = std::max(1, kAccumulators / V);
   for (int64_t r0 = 0; r0 < count; r0 += R) {
     const int rows = static_cast<int>(std::min<int64_t>(R, count - r0));
-    __m512 acc[R][V];
+    vfloat acc[R][V];
     for (int r = 0; r < rows; ++r) {
-      const __m512 a = _mm512_set1_ps(alpha[r0 + r]);
-      for (int i = 0; i < V; ++i) acc[r][i] = _mm512_mul_ps(a, _mm512_loadu_ps(o + (m0 + r0 + r) * DIM + 16 * i));
+      const vfloat a = simd::set1(alpha[r0 + r]);
+      for (int i = 0; i < V; ++i) acc[r][i] = simd::mul(a, simd::load(o + (m0 + r0 + r) * DIM + L * i));
     }
     for (int64_t t = 0; t < kTile; ++t) {
-      __m512 vv[V];
-      for (int i = 0; i < V; ++i) vv[i] = _mm512_loadu_ps(v + t * DIM + 16 * i);
+      vfloat vv[V];
+      for (int i = 0; i < V; ++i) vv[i] = simd::load(v + t * DIM + L * i);
       for (int r = 0; r < rows; ++r) {
-        const __m512 p = _mm512_set1_ps(weights[t * 32 + r0 + r]);
-        for (int i = 0; i < V; ++i) acc[r][i] = _mm512_fmadd_ps(p, vv[i], acc[r][i]);
+        const vfloat p = simd::set1(weights[t * 32 + r0 + r]);
+        for (int i = 0; i < V; ++i) acc[r][i] = simd::fmadd(p, vv[i], acc[r][i]);
       }
     }
     for (int r = 0; r < rows; ++r)
-      for (int i = 0; i < V; ++i) _mm512_storeu_ps(o + (m0 + r0 + r) * DIM + 16 * i, acc[r][i]);
+      for (int i = 0; i < V; ++i) simd::store(o + (m0 + r0 + r) * DIM + L * i, acc[r][i]);
   }
+}
+
+// tile_scores for the block's nv vectors of rows (1 .. kRowsPerBlock / L, known only at run time).
+template <int DIM, int NV = kRowsPerBlock / L>
+inline void block_scores(int nv, const float* qt, int64_t stride, const float* k, int64_t m0, float* scores) {
+  if (nv == NV) return tile_scores<DIM, NV>(qt, stride, k, m0, scores);
+  if constexpr (NV > 1) block_scores<DIM, NV - 1>(nv, qt, stride, k, m0, scores);
 }
 
 template <typename T, int DIM>
@@ -158,7 +150,7 @@ void prefill_task(const Problem& P, const T* q, const T* k_cache, const T* v_cac
   const int64_t first = P.query_start[r] + task.first_row;  // absolute row of the task's first query
   const int64_t query_len = P.query_start[r + 1] - P.query_start[r];
   const int64_t pos0 = P.lens[r] - query_len + task.first_row;
-  const int64_t M = task.num_rows * G, stride = (M + 15) / 16 * 16;
+  const int64_t M = task.num_rows * G, stride = (M + L - 1) / L * L;
   // Rows m = i x G + g: query row i of the task under query head h x G + g, pre-scaled.
   for (int64_t m = 0; m < stride; ++m) {
     const int64_t i = std::min(m, M - 1) / G, g = std::min(m, M - 1) % G;
@@ -174,17 +166,16 @@ void prefill_task(const Problem& P, const T* q, const T* k_cache, const T* v_cac
     const int64_t count = std::min(kTile, last + 1 - n0);
     load_tile<T, DIM>(P, k_cache, r, h, n0, count, w.k.data());
     load_tile<T, DIM>(P, v_cache, r, h, n0, count, w.v.data());
-    for (int64_t m0 = 0; m0 < stride; m0 += 32) {
-      const int nv = stride - m0 >= 32 ? 2 : 1;
-      if (n0 > w.pos[m0 + 16 * nv - 1]) continue;  // the whole tile lies past these rows
-      if (nv == 2) tile_scores<DIM, 2>(w.qt.data(), stride, w.k.data(), m0, w.scores.data());
-      else tile_scores<DIM, 1>(w.qt.data(), stride, w.k.data(), m0, w.scores.data());
+    for (int64_t m0 = 0; m0 < stride; m0 += kRowsPerBlock) {
+      const int nv = static_cast<int>(std::min<int64_t>(kRowsPerBlock, stride - m0) / L);
+      if (n0 > w.pos[m0 + L * nv - 1]) continue;  // the whole tile lies past these rows
+      block_scores<DIM>(nv, w.qt.data(), stride, w.k.data(), m0, w.scores.data());
       for (int j = 0; j < nv; ++j) {
-        const __m512 alpha = tile_softmax(w.scores.data(), 16 * j, n0, w.pos.data() + m0 + 16 * j,
-                                          w.max.data() + m0 + 16 * j, w.sum.data() + m0 + 16 * j);
-        _mm512_storeu_ps(w.alpha.data() + m0 + 16 * j, alpha);
+        const vfloat alpha = tile_softmax(w.scores.data(), L * j, n0, w.pos.data() + m0 + L * j,
+                                          w.max.data() + m0 + L * j, w.sum.data() + m0 + L * j);
+        simd::store(w.alpha.data() + m0 + L * j, alpha);
       }
-      tile_values<DIM>(w.scores.data(), w.v.data(), w.alpha.data() + m0, m0, 16 * nv, w.o.data());
+      tile_values<DIM>(w.scores.data(), w.v.data(), w.alpha.data() + m0, m0, L * nv, w.o.data());
     }
   }
   for (int64_t m = 0; m < M; ++m) {

@@ -1,0 +1,102 @@
+// The float vector the attention kernels compute with: 16 lanes of AVX-512 or 8 of AVX2 + FMA.
+// The kernels are written once against these few operations and `kLanes`, so an AVX2-only CPU
+// (AMD Zen 2/3, older Intel) gets the same register-blocked code as an AVX-512 one, not a scalar loop.
+#pragma once
+#include <c10/util/BFloat16.h>
+#include <cstdint>
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define ORCA_SIMD 1
+#include <immintrin.h>
+
+namespace simd {
+
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+using vfloat = __m512;
+using vint = __m512i;
+inline vfloat load(const float* p) { return _mm512_loadu_ps(p); }
+inline vfloat load(const c10::BFloat16* p) {
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+inline void store(float* p, vfloat x) { _mm512_storeu_ps(p, x); }
+inline vfloat set1(float x) { return _mm512_set1_ps(x); }
+inline vfloat zero() { return _mm512_setzero_ps(); }
+inline vfloat add(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
+inline vfloat sub(vfloat a, vfloat b) { return _mm512_sub_ps(a, b); }
+inline vfloat mul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
+inline vfloat max(vfloat a, vfloat b) { return _mm512_max_ps(a, b); }
+inline vfloat min(vfloat a, vfloat b) { return _mm512_min_ps(a, b); }
+inline vfloat fmadd(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
+inline float reduce_add(vfloat x) { return _mm512_reduce_add_ps(x); }
+inline vint load_int(const int32_t* p) { return _mm512_loadu_si512(p); }
+// x where n <= limit (lane-wise), else `otherwise`.
+inline vfloat keep_if_at_most(int32_t n, vint limit, vfloat x, vfloat otherwise) {
+  return _mm512_mask_mov_ps(otherwise, _mm512_cmple_epi32_mask(_mm512_set1_epi32(n), limit), x);
+}
+inline vfloat round(vfloat x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vfloat times_two_to(vfloat p, vfloat n) { return _mm512_scalef_ps(p, n); }
+constexpr float kExpLow = -100.f;
+#else
+constexpr int kLanes = 8;
+using vfloat = __m256;
+using vint = __m256i;
+inline vfloat load(const float* p) { return _mm256_loadu_ps(p); }
+inline vfloat load(const c10::BFloat16* p) {
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+inline void store(float* p, vfloat x) { _mm256_storeu_ps(p, x); }
+inline vfloat set1(float x) { return _mm256_set1_ps(x); }
+inline vfloat zero() { return _mm256_setzero_ps(); }
+inline vfloat add(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
+inline vfloat sub(vfloat a, vfloat b) { return _mm256_sub_ps(a, b); }
+inline vfloat mul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
+inline vfloat max(vfloat a, vfloat b) { return _mm256_max_ps(a, b); }
+inline vfloat min(vfloat a, vfloat b) { return _mm256_min_ps(a, b); }
+inline vfloat fmadd(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+inline float reduce_add(vfloat x) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline vint load_int(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline vfloat keep_if_at_most(int32_t n, vint limit, vfloat x, vfloat otherwise) {
+  const __m256 past = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), limit));
+  return _mm256_blendv_ps(x, otherwise, past);
+}
+inline vfloat round(vfloat x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// 2^n built in the exponent bits; n stays in the normal range because exp's argument is clamped.
+inline vfloat times_two_to(vfloat p, vfloat n) {
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+constexpr float kExpLow = -87.f;  // 2^-126 is the smallest normal power the exponent bits can hold
+#endif
+
+inline void store_as(c10::BFloat16* p, vfloat x) {
+  alignas(64) float lanes[kLanes];
+  store(lanes, x);
+  for (int i = 0; i < kLanes; ++i) p[i] = c10::BFloat16(lanes[i]);
+}
+inline void store_as(float* p, vfloat x) { store(p, x); }
+
+// exp for the softmax: Cephes' polynomial on the reduced argument, scaled by 2^n.
+inline vfloat exp(vfloat x) {
+  x = max(min(x, set1(88.f)), set1(kExpLow));
+  const vfloat n = round(mul(x, set1(1.44269504088896341f)));
+  vfloat r = fmadd(n, set1(-0.693359375f), x);
+  r = fmadd(n, set1(2.12194440e-4f), r);
+  vfloat p = set1(1.9875691500e-4f);
+  p = fmadd(p, r, set1(1.3981999507e-3f));
+  p = fmadd(p, r, set1(8.3334519073e-3f));
+  p = fmadd(p, r, set1(4.1665795894e-2f));
+  p = fmadd(p, r, set1(1.6666665459e-1f));
+  p = fmadd(p, r, set1(5.0000001201e-1f));
+  p = fmadd(p, mul(r, r), add(r, set1(1.f)));
+  return times_two_to(p, n);
+}
+
+}  // namespace simd
+#endif
