@@ -114,7 +114,8 @@ def test_bench_serve_measures_another_openai_server(tmp_path) -> None:
         server.should_exit = True
         thread.join(timeout=30)
     reqs = load_workload(None)[:8]
-    assert [c["prompt"] for c in calls] == [r.prompt_token_ids for r in reqs]  # token ids, in workload order
+    # token ids, each prompt once (requests 20 ms apart may reach a loaded machine's server out of order)
+    assert sorted(c["prompt"] for c in calls) == sorted(r.prompt_token_ids for r in reqs)
     assert all(c["model"] == "peer" and c["stream"] and c["ignore_eos"] for c in calls)
     result = json.loads(out.read_text())
     failing = [r for r in reqs if len(r.prompt_token_ids) % 7 == 0]
