@@ -1,9 +1,12 @@
 """What a device offers the engine: the dtype it computes fastest in and the memory it has free."""
 from __future__ import annotations
 
+import mmap
 import re
 
 import torch
+
+HUGE_PAGE = 2 << 20
 
 
 def resolve_device(name: str) -> torch.device:
@@ -53,3 +56,24 @@ def share_of_memory(value: str | float, parts: int) -> str | float:
     if re.fullmatch(r"[0-9.]+", text) and float(text) <= 1:
         return float(text) / parts
     return value
+
+
+def kv_cache_zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed buffer for the whole KV cache; on CPUs backed by transparent huge pages where the kernel
+    offers them (`madvise` mode is the common default).
+
+    Decode attention reads each request's 12 KiB blocks scattered over gigabytes of cache: with 4 KiB
+    pages nearly every block misses the TLB, and decode attention ran 15-20% slower (AVX2 EPYC, 200
+    requests of 300 tokens). Where huge pages are off the buffer is ordinary memory.
+    """
+    if device.type != "cpu" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.zeros(numel, dtype=dtype, device=device)
+    size = numel * dtype.itemsize
+    region = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared memory has its own THP switch
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel built without transparent huge pages
+        pass
+    raw = torch.frombuffer(region, dtype=torch.uint8)  # the tensor keeps the mapping alive
+    start = -raw.data_ptr() % HUGE_PAGE
+    return raw[start:start + size].view(dtype).zero_()

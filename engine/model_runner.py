@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,7 @@ from orca.kernels import ops
 from .attention.metadata import AttentionMetadata, ForwardContext, set_forward_context
 from .attention.selector import select_backend
 from .config import EngineConfig, ModelConfig
-from .device import free_memory, parse_memory, resolve_device, resolve_dtype
+from .device import free_memory, kv_cache_zeros, parse_memory, resolve_device, resolve_dtype
 from .distributed import parallel_state
 from .loaders import LoadedModel
 from .models.llama import IntermediateTensors, LlamaForCausalLM
@@ -107,10 +108,13 @@ class ModelRunner:
         return num_blocks
 
     def allocate_kv_cache(self) -> None:
-        for attn in self.attention_layers:
-            shape = (self.num_blocks * self.block_size, attn.num_kv_heads, attn.head_dim)
-            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        """One buffer for every layer's K and V caches (all layers have the same shape)."""
+        attn = self.attention_layers[0]
+        shape = (self.num_blocks * self.block_size, attn.num_kv_heads, attn.head_dim)
+        caches = kv_cache_zeros(2 * len(self.attention_layers) * math.prod(shape), self.dtype, self.device)
+        caches = caches.view(len(self.attention_layers), 2, *shape)
+        for layer, attn in enumerate(self.attention_layers):
+            attn.k_cache, attn.v_cache = caches[layer, 0], caches[layer, 1]
 
     # ---- one step -------------------------------------------------------------------------------
     def attends_per_row(self, seq: Sequence, num_new_tokens: int) -> bool:

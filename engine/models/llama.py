@@ -34,6 +34,12 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v.view(-1, self.attn.num_kv_heads, dim)))
 
 
+# On CPUs a long prefill's gate/up output (4,096 tokens: 50 MB in float32) spills out of the L3 between
+# the GEMM that writes it and the activation that reads it; in slices of this many rows it stays
+# (the MLP 9% faster at 4,096 rows on an AVX2 EPYC). Every op in the MLP is row-wise.
+CPU_MLP_ROWS = 1024
+
+
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -41,6 +47,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.shape[0] > CPU_MLP_ROWS:
+            return torch.cat([self.forward(rows) for rows in x.split(CPU_MLP_ROWS)])
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 

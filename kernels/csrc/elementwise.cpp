@@ -2,6 +2,7 @@
 // [tokens, hidden] tensor; fused, each element is read and written once, in float32 registers.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -60,7 +61,8 @@ void silu_mul_rows(T* out, const T* gate_up, int64_t rows, int64_t inter) {
       T* o = out + r * inter;
       for (int64_t i = 0; i < inter; ++i) {
         const float x = load(g[i]);
-        o[i] = store<T>(x / (1.f + std::exp(-x)) * load(u[i]));
+        // Under -ffast-math exp(-x) past float's range is not inf but garbage (x < -88 gave NaN): clamp it.
+        o[i] = store<T>(x / (1.f + std::exp(std::min(-x, 88.f))) * load(u[i]));
       }
     }
   });

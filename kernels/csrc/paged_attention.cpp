@@ -38,13 +38,13 @@ inline void softmax(float* s, int64_t len) {
 #if defined(ORCA_SIMD)
 // Blocks sit anywhere in the cache, so the hardware prefetcher loses the stream at every block
 // boundary; fetching the next block's rows while the current one computes hides that.
-constexpr int64_t kAhead = 2;  // blocks fetched ahead of the one being computed
+constexpr int64_t kAhead = 4;  // blocks fetched ahead of the one being computed
 
 template <typename T>
 inline void prefetch_block(const T* p, int64_t tokens, int64_t row, int64_t width) {
   constexpr int kLine = 64 / sizeof(T);
   for (int64_t t = 0; t < tokens; ++t, p += row)
-    for (int64_t d = 0; d < width; d += kLine) _mm_prefetch(reinterpret_cast<const char*>(p + d), _MM_HINT_T0);
+    for (int64_t d = 0; d < width; d += kLine) _mm_prefetch(reinterpret_cast<const char*>(p + d), _MM_HINT_T1);
 }
 
 // Softmax in place, vectorized (the scalar one's exp does not vectorize on every compiler).
@@ -97,7 +97,15 @@ void decode_task(const Problem& P, const T* q, const T* k_cache, const T* v_cach
       for (int i = 0; i < V; ++i) qv[i] = simd::mul(simd::load(q0 + h * DIM + L * i), simd::set1(P.scale));
       const T* kp = block + (h / G) * DIM;
       float* sh = scores.data() + h * len + t0;
-      for (int64_t t = 0; t < count; ++t, kp += row) {
+      int64_t t = 0;
+      for (; t + 8 <= count; t += 8, kp += 8 * row) {  // eight tokens' dot products, reduced together
+        vfloat a[8];
+        for (int j = 0; j < 8; ++j) a[j] = simd::mul(qv[0], simd::load(kp + j * row));
+        for (int i = 1; i < V; ++i)
+          for (int j = 0; j < 8; ++j) a[j] = simd::fmadd(qv[i], simd::load(kp + j * row + L * i), a[j]);
+        simd::reduce_add_8(a, sh + t);
+      }
+      for (; t < count; ++t, kp += row) {
         vfloat a = simd::mul(qv[0], simd::load(kp));
         for (int i = 1; i < V; ++i) a = simd::fmadd(qv[i], simd::load(kp + L * i), a);
         sh[t] = simd::reduce_add(a);

@@ -30,6 +30,9 @@ inline vfloat max(vfloat a, vfloat b) { return _mm512_max_ps(a, b); }
 inline vfloat min(vfloat a, vfloat b) { return _mm512_min_ps(a, b); }
 inline vfloat fmadd(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
 inline float reduce_add(vfloat x) { return _mm512_reduce_add_ps(x); }
+inline __m256 fold_to_8(vfloat x) {
+  return _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+}
 inline vint load_int(const int32_t* p) { return _mm512_loadu_si512(p); }
 // x where n <= limit (lane-wise), else `otherwise`.
 inline vfloat keep_if_at_most(int32_t n, vint limit, vfloat x, vfloat otherwise) {
@@ -61,6 +64,7 @@ inline float reduce_add(vfloat x) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
+inline __m256 fold_to_8(vfloat x) { return x; }
 inline vint load_int(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 inline vfloat keep_if_at_most(int32_t n, vint limit, vfloat x, vfloat otherwise) {
   const __m256 past = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), limit));
@@ -81,6 +85,16 @@ inline void store_as(c10::BFloat16* p, vfloat x) {
   for (int i = 0; i < kLanes; ++i) p[i] = c10::BFloat16(lanes[i]);
 }
 inline void store_as(float* p, vfloat x) { store(p, x); }
+
+// out[j] = the sum of x[j]'s lanes, for eight vectors at once: a tree of pairwise horizontal adds
+// costs about one reduce_add for all eight.
+inline void reduce_add_8(const vfloat x[8], float* out) {
+  __m256 y[8];
+  for (int j = 0; j < 8; ++j) y[j] = fold_to_8(x[j]);
+  const __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(y[0], y[1]), _mm256_hadd_ps(y[2], y[3]));
+  const __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(y[4], y[5]), _mm256_hadd_ps(y[6], y[7]));
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31)));
+}
 
 // exp for the softmax: Cephes' polynomial on the reduced argument, scaled by 2^n.
 inline vfloat exp(vfloat x) {
