@@ -46,9 +46,11 @@ def engines(name: str) -> str:
 
 
 def router_url(core: client.CoreV1Api, name: str) -> str:
-    """The router Service's endpoint (there is no kube-proxy here: clients use the pod address)."""
+    """The router Service's endpoint (there is no kube-proxy here: clients use the pod address), or ""
+    while the Endpoints object exists but lists no ready router yet, so `wait_for` keeps waiting."""
     endpoints = core.read_namespaced_endpoints(name, NS)
-    return f"http://{endpoints.subsets[0].addresses[0].ip}:8000"
+    addresses = [address for subset in endpoints.subsets or [] for address in subset.addresses or []]
+    return f"http://{addresses[0].ip}:8000" if addresses else ""
 
 
 def metric_by_label(url: str, metric: str, label: str, only: str = "") -> dict[str, float]:

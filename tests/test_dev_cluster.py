@@ -95,7 +95,7 @@ def test_router_answers_as_one_engine_does_and_spreads_requests(dev_core) -> Non
 
 
 def test_a_killed_engine_is_restarted_and_the_router_waits_for_its_probe(dev_core) -> None:
-    url = router_url(dev_core, NAME)
+    url = wait_for("the router's endpoint", lambda: router_url(dev_core, NAME))
     victim = f"{NAME}-r0-0"
     survivor_url = f"http://{engine_pod(dev_core, f'{NAME}-r1-0').status.pod_ip}:8000"
     expected = {prompt: chat(survivor_url, prompt) for prompt in PROMPTS}
@@ -128,7 +128,7 @@ def test_a_killed_engine_is_restarted_and_the_router_waits_for_its_probe(dev_cor
 
 
 def test_deleting_an_engine_pod_mid_stream_drains_it(dev_cluster, dev_core) -> None:
-    url = router_url(dev_core, NAME)
+    url = wait_for("the router's endpoint", lambda: router_url(dev_core, NAME))
     stream_client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=300)
     chunks: list[str] = []
     finished: dict[str, Any] = {}
