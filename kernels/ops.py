@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import itertools
 import os
 import threading
 from collections.abc import Iterator
@@ -74,44 +73,61 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
-# Row counts a step's GEMM may have: below, at and above the library's blocking thresholds.
-_PROBE_ROWS = (1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17, 31, 32, 33, 64, 65, 100, 128, 129, 256, 257, 512, 513, 1024, 2048)
-_PROBE_FLOPS = 6e10  # per weight shape, once per process: the LM head is probed up to 256 rows
+# Rows per GEMM call inside `batch_invariant_gemms`: every call then has one shape, so the library
+# picks one kernel and one split of the reduction for all of them. 32 rows cost 1.3x to 3x the one
+# call they replace (bf16, on a Sapphire Rapids Xeon), paid only by steps that must be invariant.
+INVARIANT_ROWS = 32
 
 
 @functools.cache
-def packed_gemm_is_batch_invariant(dtype: torch.dtype, out_features: int, in_features: int, threads: int) -> bool:
-    """Whether oneDNN's packed GEMM gives a row the same bits whatever the row count, measured here.
+def _chunk_is_position_invariant(dtype: torch.dtype, out_features: int, in_features: int, threads: int,
+                                 packed_gemm: bool) -> bool:
+    """Whether a row of an `INVARIANT_ROWS`-row call gets the same bits at any position, beside any rows.
 
-    It depends on the CPU, the library and the thread count: on an AVX-512 EPYC the bf16 GEMM splits
-    the MLP's long reduction differently past some row count, while on an AVX2 one the float32 GEMM
-    is invariant and MKL's plain one is not (rows differ below 12 rows and off multiples of four). So
-    it is measured, on random data of the shape, for row counts up to a bound on the probe's cost.
+    Libraries pick kernels and reduction splits by row count (on a Sapphire Rapids Xeon oneDNN's bf16
+    GEMM gives a row other bits at 1, 16, 33 or 300 rows; on an AVX2 EPYC MKL's float32 GEMM does
+    below 12 rows and off multiples of four), but with the row count fixed every row should take the
+    same path. Measured here on random data, since that is the library's choice, not ours.
     """
     g = torch.Generator().manual_seed(0)
-    rows = [r for r, probed in zip(_PROBE_ROWS, itertools.accumulate(_PROBE_ROWS))
-            if probed * 2 * out_features * in_features <= _PROBE_FLOPS]
-    packed = torch.ops.mkldnn._reorder_linear_weight(torch.randn(out_features, in_features, generator=g).to(dtype))
-    x = torch.randn(max(rows, default=1), in_features, generator=g).to(dtype)
-    full = _packed_linear(x, packed)
-    return all(torch.equal(_packed_linear(x[:r], packed), full[:r]) for r in rows)
+    weight = torch.randn(out_features, in_features, generator=g).to(dtype)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight) if packed_gemm else None
+    gemm = functools.partial(_packed_linear, packed=packed) if packed_gemm else functools.partial(F.linear, weight=weight)
+    x = torch.randn(INVARIANT_ROWS, in_features, generator=g).to(dtype)
+    reference = gemm(x)
+    permutation = torch.randperm(INVARIANT_ROWS, generator=g)
+    beside_zeros = torch.cat([x[:1], x.new_zeros(INVARIANT_ROWS - 1, in_features)])
+    return torch.equal(gemm(x[permutation].contiguous()), reference[permutation]) \
+        and torch.equal(gemm(beside_zeros)[:1], reference[:1])
+
+
+def _invariant_cpu_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None) -> torch.Tensor:
+    """`x @ weight.T` as calls of exactly `INVARIANT_ROWS` rows (the last one padded with zeros), by the
+    packed GEMM or F.linear, whichever was measured to be position invariant; else a row at a time,
+    each as a two-row call (a one-row product goes to a GEMV that splits the reduction its own way)."""
+    out_features, in_features = weight.shape
+    threads = torch.get_num_threads()
+    if packed is not None and _chunk_is_position_invariant(weight.dtype, out_features, in_features, threads, True):
+        gemm, rows_per_call = functools.partial(_packed_linear, packed=packed), INVARIANT_ROWS
+    elif _chunk_is_position_invariant(weight.dtype, out_features, in_features, threads, False):
+        gemm, rows_per_call = functools.partial(F.linear, weight=weight), INVARIANT_ROWS
+    else:
+        return torch.cat([F.linear(row.expand(2, -1).contiguous(), weight)[:1] for row in x.split(1)])
+    rows = x.shape[0]
+    padding = -rows % rows_per_call
+    if padding:
+        x = torch.cat([x, x.new_zeros(padding, in_features)])
+    return torch.cat([gemm(chunk) for chunk in x.split(rows_per_call)])[:rows]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
-    """`x @ weight.T`, by the packed GEMM where there is one, unless rows must not depend on the batch
-    and the packed GEMM has not been measured to give them that here.
-
-    Plain `F.linear` is then the fallback, with one exception handled: on CPUs a one-row product goes
-    to a GEMV that splits the reduction differently from the GEMM that two rows or more take, so in
-    bf16 a decode running alone gets logits a few last bits away from the same decode beside others,
-    and a seeded sample can flip. A lone row is computed as two. (GPU libraries pick kernels by shape
-    too; their kernels answer for that.)
-    """
-    if packed is not None and (not getattr(_gemm_mode, "invariant", False) or packed_gemm_is_batch_invariant(
-            weight.dtype, weight.shape[0], weight.shape[1], torch.get_num_threads())):
+    """`x @ weight.T`, by the packed GEMM where there is one; on CPUs inside `batch_invariant_gemms`
+    by calls of one shape, so a row's bits do not depend on what shares the step. (GPU libraries pick
+    kernels by shape too; the engine's GPU path answers for its own invariance.)"""
+    if x.device.type == "cpu" and getattr(_gemm_mode, "invariant", False):
+        return _invariant_cpu_linear(x, weight, packed)
+    if packed is not None:
         return _packed_linear(x, packed)
-    if x.shape[0] == 1 and x.device.type == "cpu":
-        return F.linear(x.expand(2, -1).contiguous(), weight)[:1]
     return F.linear(x, weight)
 
 

@@ -20,7 +20,9 @@ def greedy_tokens(llm: LLM) -> dict[str, list[int]]:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_static_decode_path_matches_eager(dtype: str) -> None:
-    llm = LLM(dtype=dtype, kv_cache_memory="128MiB", max_model_len=512)
+    # Batch invariant, so that bf16 GEMMs padded from 5 rows to 8 give the 5 rows' bits (oneDNN's do not
+    # on a Sapphire Rapids Xeon otherwise); what is tested is that padding and persistent buffers change nothing.
+    llm = LLM(dtype=dtype, kv_cache_memory="128MiB", max_model_len=512, batch_invariant=True)
     eager = greedy_tokens(llm)
     llm.engine.runner.enable_static_decode(capture=False)
     static = llm.engine.runner.static_decode
