@@ -23,7 +23,7 @@ import yaml
 from kubernetes import client
 
 from dev_cluster_client import (G, MODEL, NS, P, V, chat, engine_gauge, engines, install_chart, pods, ready,
-                                router_counts, router_url, wait_for)
+                                router_counts, router_replicas_ready, router_url, wait_for)
 from orca.operator.dev import cluster as dev_cluster_commands
 from orca.operator.dev.processes import alive
 from pod_security import restricted_violations
@@ -156,12 +156,15 @@ def test_deleting_an_engine_pod_mid_stream_drains_it(dev_cluster, dev_core) -> N
     serving = wait_for("the engine serving the stream", lambda: next(
         (p for p in pods(dev_core, ENGINES) if engine_gauge(p.status.pod_ip, "orca:num_requests_running") > 0), None))
     victim, old_uid = serving.metadata.name, serving.metadata.uid
-    sent_to_victim = router_counts(url).get(victim, 0)
     deleted_at = time.monotonic()
     dev_core.delete_namespaced_pod(victim, NS)  # what `kubectl delete pod` sends: the pod's own grace period
 
-    # while it drains, new requests go to the other replica and all succeed
+    # Once the router has seen the Endpoints drop the pod, new requests go to the other replica and all
+    # succeed. Until then one may still reach the victim, which serves it: that window is what the
+    # pre-stop hook's sleep is for.
     wait_for("the pod terminating", lambda: engine_pod(dev_core, victim).metadata.deletion_timestamp is not None)
+    wait_for("the router dropping the terminating pod", lambda: router_replicas_ready(url) == 1)
+    sent_to_victim = router_counts(url).get(victim, 0)
     for prompt in PROMPTS:
         assert chat(url, prompt)
     reader.join(timeout=240)
