@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #include "simd.h"
 
@@ -47,18 +48,24 @@ inline void prefetch_block(const T* p, int64_t tokens, int64_t row, int64_t widt
     for (int64_t d = 0; d < width; d += kLine) _mm_prefetch(reinterpret_cast<const char*>(p + d), _MM_HINT_T1);
 }
 
-// Softmax in place, vectorized (the scalar one's exp does not vectorize on every compiler).
-inline void softmax_simd(float* s, int64_t len) {
+// Softmax in place of the scores times `scale`, vectorized (the scalar one's exp does not vectorize
+// on every compiler).
+inline void softmax_simd(float* s, int64_t len, float scale) {
   using simd::vfloat;
   constexpr int L = simd::kLanes;
   const int64_t whole = len / L * L;
+  const vfloat vscale = simd::set1(scale);
   vfloat vmax = simd::set1(-3.4e38f);
-  for (int64_t t = 0; t < whole; t += L) vmax = simd::max(vmax, simd::load(s + t));
+  for (int64_t t = 0; t < whole; t += L) {
+    const vfloat x = simd::mul(simd::load(s + t), vscale);
+    simd::store(s + t, x);
+    vmax = simd::max(vmax, x);
+  }
   alignas(64) float lanes[L];
   simd::store(lanes, vmax);
   float mx = lanes[0];
   for (int i = 1; i < L; ++i) mx = std::max(mx, lanes[i]);
-  for (int64_t t = whole; t < len; ++t) mx = std::max(mx, s[t]);
+  for (int64_t t = whole; t < len; ++t) mx = std::max(mx, s[t] *= scale);
   const vfloat vmx = simd::set1(mx);
   vfloat vsum = simd::zero();
   for (int64_t t = 0; t < whole; t += L) {
@@ -72,6 +79,33 @@ inline void softmax_simd(float* s, int64_t len) {
   for (int64_t t = 0; t < whole; t += L) simd::store(s + t, simd::mul(simd::load(s + t), inv));
   for (int64_t t = whole; t < len; ++t) s[t] *= 1.f / sum;
 }
+
+#if defined(__AVX512BF16__)
+// One query head's unscaled scores against `count` bf16 key rows `row` elements apart, by AVX512-BF16's
+// pairwise dot product: a 64-wide row is two instructions, with no widening of the keys to float32
+// first (which made bf16 decode attention compute-bound at a third of the copy bandwidth on a
+// Sapphire Rapids Xeon). Products of two bf16 are exact in float32, sums are float32 as before.
+template <int DIM>
+inline void score_rows_bf16(const c10::BFloat16* q, const c10::BFloat16* kp, int64_t row, int64_t count, float* sh) {
+  constexpr int W = DIM / 32;  // 32 bf16 per register
+  const auto load_pairs = [](const c10::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); };
+  __m512bh qv[W];
+  for (int i = 0; i < W; ++i) qv[i] = load_pairs(q + 32 * i);
+  int64_t t = 0;
+  for (; t + 8 <= count; t += 8, kp += 8 * row) {
+    __m512 a[8];
+    for (int j = 0; j < 8; ++j) a[j] = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], load_pairs(kp + j * row));
+    for (int i = 1; i < W; ++i)
+      for (int j = 0; j < 8; ++j) a[j] = _mm512_dpbf16_ps(a[j], qv[i], load_pairs(kp + j * row + 32 * i));
+    simd::reduce_add_8(a, sh + t);
+  }
+  for (; t < count; ++t, kp += row) {
+    __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], load_pairs(kp));
+    for (int i = 1; i < W; ++i) a = _mm512_dpbf16_ps(a, qv[i], load_pairs(kp + 32 * i));
+    sh[t] = simd::reduce_add(a);
+  }
+}
+#endif
 
 // One request's KV heads [h0, h1): scores for every context token, softmax, weighted sum of values.
 // A block's rows are read whole (all the range's KV heads side by side), as one stream per block;
@@ -93,10 +127,16 @@ void decode_task(const Problem& P, const T* q, const T* k_cache, const T* v_cach
     const T* block = block_of(k_cache, t0 / bs);
     const int64_t count = std::min(bs, len - t0);
     for (int64_t h = 0; h < heads; ++h) {
-      vfloat qv[V];
-      for (int i = 0; i < V; ++i) qv[i] = simd::mul(simd::load(q0 + h * DIM + L * i), simd::set1(P.scale));
       const T* kp = block + (h / G) * DIM;
       float* sh = scores.data() + h * len + t0;
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, c10::BFloat16> && DIM % 32 == 0) {
+        score_rows_bf16<DIM>(q0 + h * DIM, kp, row, count, sh);
+        continue;
+      }
+#endif
+      vfloat qv[V];
+      for (int i = 0; i < V; ++i) qv[i] = simd::load(q0 + h * DIM + L * i);
       int64_t t = 0;
       for (; t + 8 <= count; t += 8, kp += 8 * row) {  // eight tokens' dot products, reduced together
         vfloat a[8];
@@ -114,7 +154,7 @@ void decode_task(const Problem& P, const T* q, const T* k_cache, const T* v_cach
   }
   for (int64_t b = 0; b < kAhead && b * bs < len; ++b)  // arrives while the softmax runs
     prefetch_block(block_of(v_cache, b), bs, row, width);
-  for (int64_t h = 0; h < heads; ++h) softmax_simd(scores.data() + h * len, len);
+  for (int64_t h = 0; h < heads; ++h) softmax_simd(scores.data() + h * len, len, P.scale);
   accumulators.assign(heads * DIM, 0.f);
   for (int64_t t0 = 0; t0 < len; t0 += bs) {
     if (t0 + kAhead * bs < len) prefetch_block(block_of(v_cache, t0 / bs + kAhead), bs, row, width);
