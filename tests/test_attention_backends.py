@@ -16,13 +16,13 @@ from orca.kernels import cpu
 BS, HEADS, KV_HEADS, DIM = 16, 9, 3, 64
 
 
-def reference(q, k_cache, v_cache, tables, query_start_loc, seq_lens, scale):
+def reference(q, k_cache, v_cache, tables, query_start_loc, seq_lens, scale, block_size=BS):
     """Row i of request r sits at position seq_len - query_len + i and attends to positions up to it."""
     out = torch.empty(q.shape, dtype=torch.float32)
     for r in range(len(seq_lens)):
         start, end, length = int(query_start_loc[r]), int(query_start_loc[r + 1]), int(seq_lens[r])
         pos = torch.arange(length)
-        slots = tables[r].long()[pos // BS] * BS + pos % BS
+        slots = tables[r].long()[pos // block_size] * block_size + pos % block_size
         keys, vals = k_cache[slots].float().transpose(0, 1), v_cache[slots].float().transpose(0, 1)
         qr = q[start:end].float().transpose(0, 1)  # [heads, rows, dim]
         mask = pos.unsqueeze(0) <= torch.arange(length - (end - start), length).unsqueeze(1)
@@ -58,31 +58,31 @@ def backends():
 
 
 def mixed_batch(dtype: torch.dtype, num_decodes: int, chunks: list[tuple[int, int]], seed: int = 0,
-                heads: int = HEADS, kv_heads: int = KV_HEADS, dim: int = DIM):
+                heads: int = HEADS, kv_heads: int = KV_HEADS, dim: int = DIM, block_size: int = BS):
     """Decodes of random (unsorted) context lengths, then prompt chunks given as (query_len, earlier context)."""
     g = torch.Generator().manual_seed(seed)
     decode_lens = torch.randint(1, 300, (num_decodes,), generator=g).tolist()
     query_lens = [1] * num_decodes + [n for n, _ in chunks]
     seq_lens = torch.tensor(decode_lens + [n + earlier for n, earlier in chunks], dtype=torch.int32)
-    width = int((seq_lens.max() + BS - 1) // BS)
+    width = int((seq_lens.max() + block_size - 1) // block_size)
     num_blocks = len(seq_lens) * width + 3
     tables = torch.randperm(num_blocks, generator=g)[: len(seq_lens) * width].view(len(seq_lens), width).to(torch.int32)
-    k_cache = torch.randn(num_blocks * BS, kv_heads, dim, generator=g).to(dtype)
-    v_cache = torch.randn(num_blocks * BS, kv_heads, dim, generator=g).to(dtype)
+    k_cache = torch.randn(num_blocks * block_size, kv_heads, dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks * block_size, kv_heads, dim, generator=g).to(dtype)
     query_start_loc = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
     query_start_loc[1:] = torch.tensor(query_lens).cumsum(0)
     num_tokens = int(query_start_loc[-1])
     q = torch.randn(num_tokens, heads, dim, generator=g).to(dtype)
     request = torch.repeat_interleave(torch.arange(len(query_lens)), torch.tensor(query_lens))
     positions = torch.arange(num_tokens) - query_start_loc[request].long() + (seq_lens[request] - torch.tensor(query_lens)[request]).long()
-    slot_mapping = tables.long()[request, positions // BS] * BS + positions % BS
+    slot_mapping = tables.long()[request, positions // block_size] * block_size + positions % block_size
     # the step's new K/V are what the cache holds at their slots, so the reference sees the same values
     k_new, v_new = k_cache[slot_mapping].clone(), v_cache[slot_mapping].clone()
     meta = AttentionMetadata(query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=tables,
                              slot_mapping=slot_mapping, num_decodes=num_decodes, num_actual_tokens=num_tokens,
-                             block_size=BS, query_start_loc_cpu=query_start_loc, seq_lens_cpu=seq_lens,
+                             block_size=block_size, query_start_loc_cpu=query_start_loc, seq_lens_cpu=seq_lens,
                              max_seq_len=int(seq_lens.max()))
-    expected = reference(q, k_cache, v_cache, tables, query_start_loc, seq_lens, dim ** -0.5)
+    expected = reference(q, k_cache, v_cache, tables, query_start_loc, seq_lens, dim ** -0.5, block_size)
     return q, k_new, v_new, k_cache, v_cache, meta, expected
 
 
@@ -108,6 +108,20 @@ def test_cpu_kernels_on_long_chunks(dtype, tol, heads, kv_heads, dim, isa):
     out = backend.forward(q, k_new, v_new, k_cache.clone(), v_cache.clone(), meta, backend.build(meta), dim ** -0.5)
     err = (out.float() - expected).abs().max().item()
     assert err < tol, f"{isa}: heads={heads} kv_heads={kv_heads} dim={dim}: the CPU kernels differ from the reference by {err}"
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("block_size", [5, 24])
+def test_cpu_kernels_on_odd_block_sizes(dtype, tol, block_size):
+    """Blocks that are not a multiple of the decode kernel's 16-token score tiles, or are odd (its value
+    pass takes tokens in pairs, so a pair may straddle two blocks), with odd and even context lengths."""
+    q, k_new, v_new, k_cache, v_cache, meta, expected = mixed_batch(dtype, 23, [(9, 0), (17, 13)], seed=2,
+                                                                    block_size=block_size)
+    for isa in ISAS:
+        backend = CpuAttentionBackend(KV_HEADS, cpu_kernels(isa))
+        out = backend.forward(q, k_new, v_new, k_cache.clone(), v_cache.clone(), meta, backend.build(meta), DIM ** -0.5)
+        err = (out.float() - expected).abs().max().item()
+        assert err < tol, f"{isa}: block_size={block_size}: the CPU kernels differ from the reference by {err}"
 
 
 def test_padded_rows_store_nothing():

@@ -5,8 +5,10 @@
 #include <ATen/Parallel.h>
 #include "dispatch.h"
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 #include "simd.h"
@@ -81,28 +83,146 @@ inline void softmax_simd(float* s, int64_t len, float scale) {
 }
 
 #if defined(__AVX512BF16__)
-// One query head's unscaled scores against `count` bf16 key rows `row` elements apart, by AVX512-BF16's
-// pairwise dot product: a 64-wide row is two instructions, with no widening of the keys to float32
-// first (which made bf16 decode attention compute-bound at a third of the copy bandwidth on a
-// Sapphire Rapids Xeon). Products of two bf16 are exact in float32, sums are float32 as before.
+// r[j] = the sum of x[j]'s 16 lanes for sixteen vectors: a transpose-and-add tree, 30 shuffles for all
+// sixteen (two reduce_add_8 cost 44).
+inline __m512 reduce_add_16(const __m512 x[16]) {
+  __m512 y[8], z[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    y[i] = _mm512_add_ps(_mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]), _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per 128-bit lane: that lane's part of the sums of x[4i .. 4i+3]
+    z[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(y[2 * i]), _mm512_castps_pd(y[2 * i + 1]))),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(y[2 * i]), _mm512_castps_pd(y[2 * i + 1]))));
+  const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88), _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
+  const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(z[2], z[3], 0x88), _mm512_shuffle_f32x4(z[2], z[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
+
+// By memcpy: GCC 12 compiles a cast of a loaded __m512i to __m512bh into a round trip through the stack.
+inline __m512bh load_pairs(const void* p) {
+  __m512bh v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// bf16 decode by AVX512-BF16's pairwise dot products, with no widening of keys or values to float32
+// (per token and query head that widening cost more shuffles than the memory system delivers rows:
+// the float path reached half of one core's read bandwidth from the L2).
+// Scores: sixteen tokens' dot products at a time, reduced together. Values: the probabilities in bf16
+// (as FlashAttention feeds P to its second matmul), two tokens per dot product: the two value rows
+// interleaved element by element, times the pair (p[t], p[t+1]).
 template <int DIM>
-inline void score_rows_bf16(const c10::BFloat16* q, const c10::BFloat16* kp, int64_t row, int64_t count, float* sh) {
+void decode_task_bf16(const Problem& P, const c10::BFloat16* q, const c10::BFloat16* k_cache,
+                      const c10::BFloat16* v_cache, c10::BFloat16* out, int64_t seq, int64_t h0, int64_t h1,
+                      std::vector<float>& scores, std::vector<float>& accumulators, std::vector<uint16_t>& probs,
+                      std::vector<uint16_t>& pairs) {
+  using T = c10::BFloat16;
   constexpr int W = DIM / 32;  // 32 bf16 per register
-  const auto load_pairs = [](const c10::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); };
-  __m512bh qv[W];
-  for (int i = 0; i < W; ++i) qv[i] = load_pairs(q + 32 * i);
-  int64_t t = 0;
-  for (; t + 8 <= count; t += 8, kp += 8 * row) {
-    __m512 a[8];
-    for (int j = 0; j < 8; ++j) a[j] = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], load_pairs(kp + j * row));
-    for (int i = 1; i < W; ++i)
-      for (int j = 0; j < 8; ++j) a[j] = _mm512_dpbf16_ps(a[j], qv[i], load_pairs(kp + j * row + 32 * i));
-    simd::reduce_add_8(a, sh + t);
+  const int64_t len = P.lens[seq], G = P.group, bs = P.block_size, row = P.kv_heads * DIM;
+  const int64_t heads = (h1 - h0) * G, width = (h1 - h0) * DIM, padded = (len + 2) / 2 * 2;  // room for the pair past the last token
+  const int32_t* table = P.tables + seq * P.width;
+  const T* q0 = q + (seq * P.heads + h0 * G) * DIM;
+  scores.resize(heads * len);
+  const auto block_of = [&](const T* cache, int64_t b) { return cache + static_cast<int64_t>(table[b]) * bs * row + h0 * DIM; };
+  for (int64_t b = 1; b < kAhead && b * bs < len; ++b) prefetch_block(block_of(k_cache, b), bs, row, width);
+  for (int64_t t0 = 0; t0 < len; t0 += bs) {
+    if (kAhead > 0 && t0 + kAhead * bs < len) prefetch_block(block_of(k_cache, t0 / bs + kAhead), bs, row, width);
+    const T* block = block_of(k_cache, t0 / bs);
+    const int64_t count = std::min(bs, len - t0);
+    for (int64_t h = 0; h < heads; ++h) {
+      __m512bh qv[W];
+      for (int i = 0; i < W; ++i) qv[i] = load_pairs(q0 + h * DIM + 32 * i);
+      float* sh = scores.data() + h * len + t0;
+      for (int64_t t = 0; t < count; t += 16) {
+        const T* kp = block + (h / G) * DIM + t * row;
+        const int64_t n = std::min<int64_t>(16, count - t);
+        __m512 a[16];
+        if (n == 16) {  // the whole-block case, unrolled so the sixteen sums stay in registers
+#pragma GCC unroll 16
+          for (int j = 0; j < 16; ++j) {
+            a[j] = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], load_pairs(kp + j * row));
+            for (int i = 1; i < W; ++i) a[j] = _mm512_dpbf16_ps(a[j], qv[i], load_pairs(kp + j * row + 32 * i));
+          }
+        } else {
+          for (int j = 0; j < 16; ++j) {
+            a[j] = _mm512_setzero_ps();
+            if (j < n)
+              for (int i = 0; i < W; ++i) a[j] = _mm512_dpbf16_ps(a[j], qv[i], load_pairs(kp + j * row + 32 * i));
+          }
+        }
+        _mm512_mask_storeu_ps(sh + t, static_cast<__mmask16>((1u << n) - 1), reduce_add_16(a));
+      }
+    }
   }
-  for (; t < count; ++t, kp += row) {
-    __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], load_pairs(kp));
-    for (int i = 1; i < W; ++i) a = _mm512_dpbf16_ps(a, qv[i], load_pairs(kp + 32 * i));
-    sh[t] = simd::reduce_add(a);
+  for (int64_t b = 0; b < kAhead && b * bs < len; ++b)  // arrives while the softmax runs
+    prefetch_block(block_of(v_cache, b), bs, row, width);
+  probs.resize(heads * padded);
+  for (int64_t h = 0; h < heads; ++h) {
+    float* sh = scores.data() + h * len;
+    softmax_simd(sh, len, P.scale);
+    uint16_t* ph = probs.data() + h * padded;
+    int64_t t = 0;
+    for (; t + 32 <= len; t += 32)
+      _mm512_storeu_si512(ph + t, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(sh + t + 16), _mm512_loadu_ps(sh + t)));
+    for (; t < padded; ++t) ph[t] = t < len ? c10::BFloat16(sh[t]).x : 0;
+  }
+  accumulators.assign(heads * DIM, 0.f);
+  pairs.resize((bs + 1) * DIM);
+  for (int64_t t0 = 0; t0 < len; t0 += bs) {
+    if (kAhead > 0 && t0 + kAhead * bs < len) prefetch_block(block_of(v_cache, t0 / bs + kAhead), bs, row, width);
+    const T* block = block_of(v_cache, t0 / bs);
+    const int64_t count = std::min(bs, len - t0);
+    for (int64_t kvh = 0; kvh < h1 - h0; ++kvh) {
+      // rows t and t+1 interleaved: pairs[t * DIM + 2d + {0, 1}] = (v[t][d], v[t+1][d]), in unpack's lane order
+      const T* vp = block + kvh * DIM;
+      uint16_t* const staged = pairs.data();
+      for (int64_t t = 0; t < count; t += 2)
+        for (int i = 0; i < W; ++i) {
+          const __m512i v0 = _mm512_loadu_si512(vp + t * row + 32 * i);
+          const __m512i v1 = t + 1 < count ? _mm512_loadu_si512(vp + (t + 1) * row + 32 * i) : _mm512_setzero_si512();
+          _mm512_storeu_si512(staged + t * DIM + 64 * i, _mm512_unpacklo_epi16(v0, v1));
+          _mm512_storeu_si512(staged + t * DIM + 64 * i + 32, _mm512_unpackhi_epi16(v0, v1));
+        }
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = kvh * G + g;
+        float* o = accumulators.data() + h * DIM;
+        // two sets of sums, for alternate token pairs: one set alone waits on the dot product's latency
+        __m512 acc[2][2 * W];
+        for (int i = 0; i < 2 * W; ++i) acc[0][i] = _mm512_loadu_ps(o + 16 * i), acc[1][i] = _mm512_setzero_ps();
+        const uint16_t* ph = probs.data() + h * padded + t0;
+        int64_t t = 0;
+        for (; t + 4 <= count; t += 4)
+          for (int u = 0; u < 2; ++u) {
+            int32_t pair;
+            std::memcpy(&pair, ph + t + 2 * u, sizeof pair);
+            const __m512bh p = (__m512bh)_mm512_set1_epi32(pair);
+            const uint16_t* x = staged + (t + 2 * u) * DIM;
+            for (int i = 0; i < 2 * W; ++i)
+              acc[u][i] = _mm512_dpbf16_ps(acc[u][i], p, load_pairs(x + 32 * i));
+          }
+        for (; t < count; t += 2) {
+          int32_t pair;
+          std::memcpy(&pair, ph + t, sizeof pair);
+          const __m512bh p = (__m512bh)_mm512_set1_epi32(pair);
+          const uint16_t* x = staged + t * DIM;
+          for (int i = 0; i < 2 * W; ++i) acc[0][i] = _mm512_dpbf16_ps(acc[0][i], p, load_pairs(x + 32 * i));
+        }
+        for (int i = 0; i < 2 * W; ++i) _mm512_storeu_ps(o + 16 * i, _mm512_add_ps(acc[0][i], acc[1][i]));
+      }
+    }
+  }
+  // unpack's lane order back to dimension order: for 32 dimensions, lanes of the low half hold
+  // [0-3, 8-11, 16-19, 24-27], of the high half [4-7, 12-15, 20-23, 28-31]
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t h = 0; h < heads; ++h) {
+    const float* o = accumulators.data() + h * DIM;
+    T* dst = out + (seq * P.heads + h0 * G + h) * DIM;
+    for (int i = 0; i < W; ++i) {
+      const __m512 lo = _mm512_loadu_ps(o + 32 * i), hi = _mm512_loadu_ps(o + 32 * i + 16);
+      const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_permutex2var_ps(lo, second, hi),
+                                                _mm512_permutex2var_ps(lo, first, hi));
+      _mm512_storeu_si512(dst + 32 * i, (__m512i)both);
+    }
   }
 }
 #endif
@@ -123,18 +243,12 @@ void decode_task(const Problem& P, const T* q, const T* k_cache, const T* v_cach
   const auto block_of = [&](const T* cache, int64_t b) { return cache + static_cast<int64_t>(table[b]) * bs * row + h0 * DIM; };
   for (int64_t b = 1; b < kAhead && b * bs < len; ++b) prefetch_block(block_of(k_cache, b), bs, row, width);
   for (int64_t t0 = 0; t0 < len; t0 += bs) {
-    if (t0 + kAhead * bs < len) prefetch_block(block_of(k_cache, t0 / bs + kAhead), bs, row, width);
+    if (kAhead > 0 && t0 + kAhead * bs < len) prefetch_block(block_of(k_cache, t0 / bs + kAhead), bs, row, width);
     const T* block = block_of(k_cache, t0 / bs);
     const int64_t count = std::min(bs, len - t0);
     for (int64_t h = 0; h < heads; ++h) {
       const T* kp = block + (h / G) * DIM;
       float* sh = scores.data() + h * len + t0;
-#if defined(__AVX512BF16__)
-      if constexpr (std::is_same_v<T, c10::BFloat16> && DIM % 32 == 0) {
-        score_rows_bf16<DIM>(q0 + h * DIM, kp, row, count, sh);
-        continue;
-      }
-#endif
       vfloat qv[V];
       for (int i = 0; i < V; ++i) qv[i] = simd::load(q0 + h * DIM + L * i);
       int64_t t = 0;
@@ -157,7 +271,7 @@ void decode_task(const Problem& P, const T* q, const T* k_cache, const T* v_cach
   for (int64_t h = 0; h < heads; ++h) softmax_simd(scores.data() + h * len, len, P.scale);
   accumulators.assign(heads * DIM, 0.f);
   for (int64_t t0 = 0; t0 < len; t0 += bs) {
-    if (t0 + kAhead * bs < len) prefetch_block(block_of(v_cache, t0 / bs + kAhead), bs, row, width);
+    if (kAhead > 0 && t0 + kAhead * bs < len) prefetch_block(block_of(v_cache, t0 / bs + kAhead), bs, row, width);
     const T* block = block_of(v_cache, t0 / bs);
     const int64_t count = std::min(bs, len - t0);
     for (int64_t h = 0; h < heads; ++h) {
@@ -215,17 +329,29 @@ void decode_task(const Problem& P, const T* q, const T* k_cache, const T* v_cach
 template <typename T, int DIM>
 void decode(const Problem& P, const T* q, const T* k_cache, const T* v_cache, T* out, int64_t num_seqs) {
   // A task is one request's KV heads, split into parts only when there are too few requests to keep
-  // every thread busy (a lone decode still spreads over its KV heads).
+  // every thread busy (a lone decode still spreads over its KV heads). Longest first, taken from a shared
+  // counter: a static split of the range left one thread waiting on the other (context lengths differ
+  // tenfold within a batch).
   const int64_t threads = at::get_num_threads();
   const int64_t parts = std::min<int64_t>(P.kv_heads, (2 * threads + num_seqs - 1) / num_seqs);
-  // Rows arrive sorted by context length; interleave short and long ones so both threads' halves
-  // of the task range carry about the same work.
-  at::parallel_for(0, num_seqs * parts, 1, [&](int64_t begin, int64_t end) {
+  std::vector<int64_t> order(num_seqs);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return P.lens[a] > P.lens[b]; });
+  const int64_t num_tasks = num_seqs * parts;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, num_tasks), 1, [&](int64_t, int64_t) {
     std::vector<float> scores, accumulators;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t r = task / parts, part = task % parts, seq = (r % 2 == 0) ? r / 2 : num_seqs - 1 - r / 2;
-      decode_task<T, DIM>(P, q, k_cache, v_cache, out, seq, part * P.kv_heads / parts,
-                          (part + 1) * P.kv_heads / parts, scores, accumulators);
+    [[maybe_unused]] std::vector<uint16_t> probs, pairs;
+    for (int64_t task = next++; task < num_tasks; task = next++) {
+      const int64_t seq = order[task / parts], part = task % parts;
+      const int64_t h0 = part * P.kv_heads / parts, h1 = (part + 1) * P.kv_heads / parts;
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, c10::BFloat16> && DIM % 32 == 0) {
+        decode_task_bf16<DIM>(P, q, k_cache, v_cache, out, seq, h0, h1, scores, accumulators, probs, pairs);
+        continue;
+      }
+#endif
+      decode_task<T, DIM>(P, q, k_cache, v_cache, out, seq, h0, h1, scores, accumulators);
     }
   });
 }
