@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from orca.kernels import ops
+
 from .sequence import Sequence
 
 
@@ -76,7 +78,7 @@ class Sampler:
             logits = logits.float()
         raw = logits
         logits = apply_penalties(logits, seqs)
-        tokens = logits.max(dim=-1).indices  # first maximum, like argmax, but several times faster on CPU
+        tokens = ops.argmax(logits)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:
             sub = logits[sampled] / torch.tensor([params[i].temperature for i in sampled], device=device).unsqueeze(1)

@@ -18,7 +18,7 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 _SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", name)
             for name in ("bindings.cpp", "paged_attention.cpp", "prefill_attention.cpp", "cache.cpp",
-                          "elementwise.cpp")]
+                          "elementwise.cpp", "sampling.cpp")]
 # Fast-math lets the compiler vectorize the dot-product reductions and exp; -march=native is safe
 # because the build is cached per machine (torch keys the cache on the flags and sources).
 _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]

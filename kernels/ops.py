@@ -189,3 +189,12 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
         triton_silu_and_mul(out, gate_up)
     return out
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The first index of each row's maximum (a NaN's, where a row has one), as int64 on the logits' device."""
+    if provider(logits.device.type) == "cpu" and logits.dim() == 2 and logits.dtype in (torch.float32, torch.bfloat16):
+        out = torch.empty(logits.shape[0], dtype=torch.long)
+        cpu.load().greedy_argmax(out, logits.contiguous())
+        return out
+    return logits.max(dim=-1).indices  # first maximum, like argmax, but several times faster on CPU

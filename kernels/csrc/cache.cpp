@@ -28,7 +28,7 @@ void reshape_and_cache(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, 
   const char* vs = static_cast<const char*>(v.data_ptr());
   char* kc = static_cast<char*>(k_cache.data_ptr());
   char* vc = static_cast<char*>(v_cache.data_ptr());
-  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {  // scattered rows: latency-bound, both threads help
     for (int64_t r = begin; r < end; ++r) {
       if (slot[r] < 0) continue;
       std::memcpy(kc + slot[r] * width * item, ks + r * k_stride, width * item);

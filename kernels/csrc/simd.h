@@ -39,6 +39,28 @@ inline vfloat keep_if_at_most(int32_t n, vint limit, vfloat x, vfloat otherwise)
   return _mm512_mask_mov_ps(otherwise, _mm512_cmple_epi32_mask(_mm512_set1_epi32(n), limit), x);
 }
 inline vfloat round(vfloat x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline bool any_nan(vfloat x) { return _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) != 0; }
+// 1 / x to float precision: the 14-bit estimate and one Newton step (a division is 16x slower here).
+inline vfloat reciprocal(vfloat x) {
+  const vfloat r = _mm512_rcp14_ps(x);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(2.f)));
+}
+// x rounded to the nearest bf16, ties to even (as torch rounds), still as float.
+inline vfloat round_to_bf16(vfloat x) {
+  const vint bits = _mm512_castps_si512(x);
+  const vint lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const vint rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  return _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+inline void store(c10::BFloat16* p, vfloat x) {
+  const vint high = _mm512_srli_epi32(_mm512_castps_si512(round_to_bf16(x)), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(high));
+}
+// The first lane equal to `value`, or -1.
+inline int first_equal(vfloat x, float value) {
+  const unsigned mask = _mm512_cmp_ps_mask(x, _mm512_set1_ps(value), _CMP_EQ_OQ);
+  return mask ? __builtin_ctz(mask) : -1;
+}
 inline vfloat times_two_to(vfloat p, vfloat n) { return _mm512_scalef_ps(p, n); }
 constexpr float kExpLow = -100.f;
 #else
@@ -71,6 +93,26 @@ inline vfloat keep_if_at_most(int32_t n, vint limit, vfloat x, vfloat otherwise)
   return _mm256_blendv_ps(x, otherwise, past);
 }
 inline vfloat round(vfloat x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline bool any_nan(vfloat x) { return _mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)) != 0; }
+inline vfloat reciprocal(vfloat x) {
+  const vfloat r = _mm256_rcp_ps(x);
+  return _mm256_mul_ps(r, _mm256_fnmadd_ps(x, r, _mm256_set1_ps(2.f)));
+}
+inline vfloat round_to_bf16(vfloat x) {
+  const vint bits = _mm256_castps_si256(x);
+  const vint lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const vint rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  return _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+inline void store(c10::BFloat16* p, vfloat x) {
+  const vint high = _mm256_srli_epi32(_mm256_castps_si256(round_to_bf16(x)), 16);
+  const vint packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(high, high), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+inline int first_equal(vfloat x, float value) {
+  const unsigned mask = _mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_set1_ps(value), _CMP_EQ_OQ));
+  return mask ? __builtin_ctz(mask) : -1;
+}
 // 2^n built in the exponent bits; n stays in the normal range because exp's argument is clamped.
 inline vfloat times_two_to(vfloat p, vfloat n) {
   const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
@@ -79,12 +121,11 @@ inline vfloat times_two_to(vfloat p, vfloat n) {
 constexpr float kExpLow = -87.f;  // 2^-126 is the smallest normal power the exponent bits can hold
 #endif
 
-inline void store_as(c10::BFloat16* p, vfloat x) {
-  alignas(64) float lanes[kLanes];
-  store(lanes, x);
-  for (int i = 0; i < kLanes; ++i) p[i] = c10::BFloat16(lanes[i]);
-}
+inline void store_as(c10::BFloat16* p, vfloat x) { store(p, x); }
 inline void store_as(float* p, vfloat x) { store(p, x); }
+// x as T would round it: bf16's rounding, or nothing for float.
+inline vfloat round_to(const c10::BFloat16*, vfloat x) { return round_to_bf16(x); }
+inline vfloat round_to(const float*, vfloat x) { return x; }
 
 // out[j] = the sum of x[j]'s lanes, for eight vectors at once: a tree of pairwise horizontal adds
 // costs about one reduce_add for all eight.
