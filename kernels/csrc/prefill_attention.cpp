@@ -10,7 +10,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
+#include "amx.h"
 #include "simd.h"
 
 namespace {
@@ -221,6 +224,180 @@ void prefill_task(const Problem& P, const T* q, const T* k_cache, const T* v_cac
 }
 #endif
 
+
+#if defined(ORCA_AMX)
+// bf16 prompt attention on AMX tiles (Sapphire Rapids and later): per 32-token context tile,
+// S = Q K^T and O += P V are 16 x 16 x 32 tile products; the online softmax between them runs on
+// AVX-512 rows. The tile's keys are laid out once as K^T in AMX's pair layout, and its values as
+// token pairs, for all of the task's query rows. P goes to the second product in bf16, as
+// FlashAttention does.
+constexpr int64_t kAmxTile = 32;  // context tokens per tile: two 16-token score tiles, one value k-step
+
+struct AmxWorkspace {
+  std::vector<uint16_t> q, keys, values, probs;
+  std::vector<float> scores, partial, o, max, sum;
+  std::vector<int32_t> pos;
+  AmxWorkspace(int64_t rows, int64_t dim)
+      : q(rows * dim), keys(2 * dim * 16), values(dim * kAmxTile), probs(16 * kAmxTile), scores(16 * kAmxTile),
+        partial(16 * dim), o(rows * dim), max(rows), sum(rows), pos(rows) {}
+};
+
+inline const uint16_t* cache_row(const Problem& P, const c10::BFloat16* cache, int64_t request, int64_t kv_head,
+                                 int64_t n, int64_t dim) {
+  const int32_t* table = P.tables + request * P.width;
+  const int64_t slot = static_cast<int64_t>(table[n / P.block_size]) * P.block_size + n % P.block_size;
+  return reinterpret_cast<const uint16_t*>(cache + (slot * P.kv_heads + kv_head) * dim);
+}
+
+// A 16 x 16 matrix of 32-bit words, one row a register, transposed in place (64 shuffles).
+inline void transpose_16x16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: rows 2i and 2i+1 interleaved by word
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // per lane: word k of rows 4i .. 4i+3
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {  // gather the four row groups' lanes
+    const __m512i a = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x88), b = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xDD);
+    const __m512i c = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x88), d = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xDD);
+    r[k] = _mm512_shuffle_i32x4(a, c, 0x88);
+    r[8 + k] = _mm512_shuffle_i32x4(a, c, 0xDD);
+    r[4 + k] = _mm512_shuffle_i32x4(b, d, 0x88);
+    r[12 + k] = _mm512_shuffle_i32x4(b, d, 0xDD);
+  }
+}
+
+// keys[j][c]: B tile of K^T for tokens 16j.. and dimensions 32c..: row p holds (k[n][32c+2p], k[n][32c+2p+1])
+// for n = 0..15. values[e]: B tile of V for dimensions 16e..: row p holds (v[2p][d], v[2p+1][d]) for 16 d.
+// Tokens past `count` are zeros.
+template <int DIM>
+void load_amx_tile(const Problem& P, const c10::BFloat16* k_cache, const c10::BFloat16* v_cache, int64_t request,
+                   int64_t kv_head, int64_t n0, int64_t count, AmxWorkspace& w) {
+  const uint16_t* rows_k[kAmxTile];
+  const uint16_t* rows_v[kAmxTile];
+  static const uint16_t zeros[DIM] = {};
+  for (int64_t t = 0; t < kAmxTile; ++t) {
+    rows_k[t] = t < count ? cache_row(P, k_cache, request, kv_head, n0 + t, DIM) : zeros;
+    rows_v[t] = t < count ? cache_row(P, v_cache, request, kv_head, n0 + t, DIM) : zeros;
+  }
+  for (int j = 0; j < 2; ++j)
+    for (int c = 0; c < DIM / 32; ++c) {
+      __m512i words[16];  // token n's 32 dimensions as 16 pairs, transposed to pair p's 16 tokens
+      for (int n = 0; n < 16; ++n) words[n] = _mm512_loadu_si512(rows_k[16 * j + n] + 32 * c);
+      transpose_16x16(words);
+      uint16_t* tile = w.keys.data() + (j * (DIM / 32) + c) * 512;
+      for (int p = 0; p < 16; ++p) _mm512_storeu_si512(tile + 32 * p, words[p]);
+    }
+  // interleave rows 2p and 2p+1 element by element, 32 dimensions at a time
+  static const __m512i low = [] {
+    alignas(64) uint16_t idx[32];
+    for (int i = 0; i < 16; ++i) idx[2 * i] = i, idx[2 * i + 1] = 32 + i;
+    return _mm512_load_si512(idx);
+  }();
+  static const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+  for (int p = 0; p < 16; ++p)
+    for (int c = 0; c < DIM / 32; ++c) {
+      const __m512i a = _mm512_loadu_si512(rows_v[2 * p] + 32 * c), b = _mm512_loadu_si512(rows_v[2 * p + 1] + 32 * c);
+      _mm512_storeu_si512(w.values.data() + (2 * c) * 512 + p * 32, _mm512_permutex2var_epi16(a, low, b));
+      _mm512_storeu_si512(w.values.data() + (2 * c + 1) * 512 + p * 32, _mm512_permutex2var_epi16(a, high, b));
+    }
+}
+
+template <int DIM>
+void prefill_task_amx(const Problem& P, const c10::BFloat16* q, const c10::BFloat16* k_cache,
+                      const c10::BFloat16* v_cache, c10::BFloat16* out, const Task& task, AmxWorkspace& w) {
+  const int64_t G = P.group, r = task.request, h = task.kv_head;
+  const int64_t first = P.query_start[r] + task.first_row;
+  const int64_t query_len = P.query_start[r + 1] - P.query_start[r];
+  const int64_t pos0 = P.lens[r] - query_len + task.first_row;
+  const int64_t M = task.num_rows * G, padded = (M + 15) / 16 * 16;
+  // Rows m = i x G + g: query row i under query head h x G + g; padding repeats the last row.
+  for (int64_t m = 0; m < padded; ++m) {
+    const int64_t i = std::min(m, M - 1) / G, g = std::min(m, M - 1) % G;
+    std::memcpy(w.q.data() + m * DIM, q + ((first + i) * P.heads + h * G + g) * DIM, DIM * sizeof(uint16_t));
+    w.pos[m] = static_cast<int32_t>(pos0 + i);
+    w.max[m] = kMasked;
+    w.sum[m] = 0.f;
+  }
+  std::fill(w.o.begin(), w.o.begin() + padded * DIM, 0.f);
+  const __m512 scale = _mm512_set1_ps(P.scale), masked = _mm512_set1_ps(kMasked);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const int64_t last = pos0 + task.num_rows - 1;
+  amx::Scope tiles;
+  for (int64_t n0 = 0; n0 <= last; n0 += kAmxTile) {
+    const int64_t count = std::min(kAmxTile, last + 1 - n0);
+    load_amx_tile<DIM>(P, k_cache, v_cache, r, h, n0, count, w);
+    for (int64_t m0 = 0; m0 < padded; m0 += 16) {
+      if (n0 > w.pos[std::min(m0 + 15, padded - 1)]) continue;  // the whole tile lies past these rows
+      // S = Q K^T: tiles 0 and 1 hold the scores of tokens 0-15 and 16-31
+      _tile_zero(0);
+      _tile_zero(1);
+      for (int c = 0; c < DIM / 32; ++c) {
+        _tile_loadd(2, w.q.data() + m0 * DIM + 32 * c, DIM * sizeof(uint16_t));
+        _tile_loadd(4, w.keys.data() + (0 * (DIM / 32) + c) * 512, 64);
+        _tile_loadd(5, w.keys.data() + (1 * (DIM / 32) + c) * 512, 64);
+        _tile_dpbf16ps(0, 2, 4);
+        _tile_dpbf16ps(1, 2, 5);
+      }
+      _tile_stored(0, w.scores.data(), kAmxTile * sizeof(float));
+      _tile_stored(1, w.scores.data() + 16, kAmxTile * sizeof(float));
+      // online softmax: a row's 32 scores are two vectors; the rows' maxima and rescaling factors one
+      alignas(64) float tile_max[16], alpha[16], new_max[16];
+      __mmask16 keep[16][2];
+      for (int row = 0; row < 16; ++row) {
+        const float* s = w.scores.data() + row * kAmxTile;
+        const __m512i limit = _mm512_set1_epi32(static_cast<int32_t>(std::min<int64_t>(w.pos[m0 + row] - n0, count - 1)));
+        keep[row][0] = _mm512_cmple_epi32_mask(lane, limit);
+        keep[row][1] = _mm512_cmple_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32(16)), limit);
+        tile_max[row] = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_mask_mov_ps(masked, keep[row][0], _mm512_loadu_ps(s)),
+                                                           _mm512_mask_mov_ps(masked, keep[row][1], _mm512_loadu_ps(s + 16))));
+      }
+      {
+        const __m512 old_max = _mm512_loadu_ps(w.max.data() + m0);
+        // scores are scaled after the product: max(scale x s) = scale x max(s), scale > 0
+        const __m512 next = _mm512_max_ps(old_max, _mm512_mul_ps(_mm512_load_ps(tile_max), scale));
+        _mm512_store_ps(alpha, simd::exp(_mm512_sub_ps(old_max, next)));
+        _mm512_store_ps(new_max, next);
+        _mm512_storeu_ps(w.max.data() + m0, next);
+      }
+      for (int row = 0; row < 16; ++row) {
+        const float* s = w.scores.data() + row * kAmxTile;
+        const __m512 vmax = _mm512_set1_ps(new_max[row]);
+        const __m512 p0 = _mm512_maskz_mov_ps(keep[row][0], simd::exp(_mm512_fmsub_ps(_mm512_loadu_ps(s), scale, vmax)));
+        const __m512 p1 = _mm512_maskz_mov_ps(keep[row][1], simd::exp(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16), scale, vmax)));
+        w.sum[m0 + row] = w.sum[m0 + row] * alpha[row] + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+        _mm512_storeu_si512(w.probs.data() + row * kAmxTile, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+      }
+      // O = O x alpha + P V, sixteen dimensions per tile product
+      _tile_loadd(2, w.probs.data(), kAmxTile * sizeof(uint16_t));
+      for (int e = 0; e < DIM / 16; ++e) {
+        _tile_zero(0);
+        _tile_loadd(4, w.values.data() + e * 512, 64);
+        _tile_dpbf16ps(0, 2, 4);
+        _tile_stored(0, w.partial.data() + 16 * e, DIM * sizeof(float));
+      }
+      for (int row = 0; row < 16; ++row) {
+        float* o = w.o.data() + (m0 + row) * DIM;
+        const float* part = w.partial.data() + row * DIM;
+        const __m512 a = _mm512_set1_ps(alpha[row]);
+        for (int d = 0; d < DIM; d += 16)
+          _mm512_storeu_ps(o + d, _mm512_fmadd_ps(_mm512_loadu_ps(o + d), a, _mm512_loadu_ps(part + d)));
+      }
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const __m512 inv = _mm512_set1_ps(1.f / w.sum[m]);
+    c10::BFloat16* dst = out + ((first + m / G) * P.heads + h * G + m % G) * DIM;
+    for (int d = 0; d < DIM; d += 16) simd::store(dst + d, _mm512_mul_ps(_mm512_loadu_ps(w.o.data() + m * DIM + d), inv));
+  }
+}
+#endif
+
 template <typename T, int DIM>
 void prefill(const Problem& P, const T* q, const T* k_cache, const T* v_cache, T* out, int64_t num_requests) {
   std::vector<Task> tasks;
@@ -236,6 +413,17 @@ void prefill(const Problem& P, const T* q, const T* k_cache, const T* v_cache, T
   std::sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
   std::atomic<int64_t> next{0};
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
+#if defined(ORCA_AMX)
+  if constexpr (std::is_same_v<T, c10::BFloat16> && DIM % 32 == 0) {
+    if (amx::available()) {
+      at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+        AmxWorkspace w((kQueryBlock * P.group + 15) / 16 * 16, DIM);
+        for (int64_t t = next++; t < num_tasks; t = next++) prefill_task_amx<DIM>(P, q, k_cache, v_cache, out, tasks[t], w);
+      });
+      return;
+    }
+  }
+#endif
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     Workspace w((kQueryBlock * P.group + 15) / 16 * 16, DIM);
     for (int64_t t = next++; t < num_tasks; t = next++) prefill_task<T, DIM>(P, q, k_cache, v_cache, out, tasks[t], w);
