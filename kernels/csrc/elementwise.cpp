@@ -70,6 +70,26 @@ void silu_mul_rows(T* out, const T* gate_up, int64_t rows, int64_t inter) {
   });
 }
 
+template <typename R> struct ElementOf { using type = R; };
+template <> struct ElementOf<uint16_t> { using type = c10::BFloat16; };
+template <typename R> using Element = typename ElementOf<R>::type;  // the dtype behind a raw storage type
+
+#if defined(ORCA_SIMD)
+template <typename T>
+constexpr bool kVector = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+
+// x[i], x[i + half] rotated by (cos[i], sin[i]) in float32 lanes, half a multiple of the lane count.
+template <typename T>
+inline void rotate_half(T* x, const T* cos, const T* sin, int64_t half) {
+  for (int64_t i = 0; i < half; i += simd::kLanes) {
+    const simd::vfloat x1 = simd::load(x + i), x2 = simd::load(x + i + half);
+    const simd::vfloat c = simd::load(cos + i), s = simd::load(sin + i);
+    simd::store(x + i, simd::sub(simd::mul(x1, c), simd::mul(x2, s)));
+    simd::store(x + i + half, simd::fmadd(x1, s, simd::mul(x2, c)));
+  }
+}
+#endif
+
 // Rotate-half (NeoX) rotary embedding in place; q and k are row-strided views of the fused QKV output.
 template <typename T>
 void rotary_rows(const int64_t* positions, T* q, T* k, const T* cos_sin, int64_t rows, int64_t q_stride,
@@ -81,6 +101,15 @@ void rotary_rows(const int64_t* positions, T* q, T* k, const T* cos_sin, int64_t
       const T* sin = cos + half;
       for (int64_t h = 0; h < heads + kv_heads; ++h) {
         T* x = h < heads ? q + r * q_stride + h * dim : k + r * k_stride + (h - heads) * dim;
+#if defined(ORCA_SIMD)
+        if constexpr (kVector<Element<T>>) {
+          if (half % simd::kLanes == 0) {
+            rotate_half(reinterpret_cast<Element<T>*>(x), reinterpret_cast<const Element<T>*>(cos),
+                        reinterpret_cast<const Element<T>*>(sin), half);
+            continue;
+          }
+        }
+#endif
         for (int64_t i = 0; i < half; ++i) {
           const float x1 = load(x[i]), x2 = load(x[i + half]);
           const float c = load(cos[i]), s = load(sin[i]);
@@ -97,9 +126,6 @@ void rotary_rows(const int64_t* positions, T* q, T* k, const T* cos_sin, int64_t
 // The vector forms of the three ops for float and bf16 rows, computing in float32 lanes with the
 // scalar forms' roundings. The scalar forms relied on auto-vectorization, which left bf16 conversions,
 // libmvec's expf and a true division in the loops (2-3 cycles an element on a Sapphire Rapids Xeon).
-template <typename T>
-constexpr bool kVector = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
-
 template <typename T>
 void add_rms_norm_rows_simd(T* x, T* residual, const T* weight, int64_t rows, int64_t hidden, float eps) {
   constexpr int L = simd::kLanes;
@@ -139,27 +165,6 @@ void silu_mul_rows_simd(T* out, const T* gate_up, int64_t rows, int64_t inter) {
   });
 }
 
-template <typename T>
-void rotary_rows_simd(const int64_t* positions, T* q, T* k, const T* cos_sin, int64_t rows, int64_t q_stride,
-                      int64_t k_stride, int64_t heads, int64_t kv_heads, int64_t dim) {
-  constexpr int L = simd::kLanes;
-  const int64_t half = dim / 2;
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* cos = cos_sin + positions[r] * dim;
-      const T* sin = cos + half;
-      for (int64_t h = 0; h < heads + kv_heads; ++h) {
-        T* x = h < heads ? q + r * q_stride + h * dim : k + r * k_stride + (h - heads) * dim;
-        for (int64_t i = 0; i < half; i += L) {
-          const simd::vfloat x1 = simd::load(x + i), x2 = simd::load(x + i + half);
-          const simd::vfloat c = simd::load(cos + i), s = simd::load(sin + i);
-          simd::store(x + i, simd::sub(simd::mul(x1, c), simd::mul(x2, s)));
-          simd::store(x + i + half, simd::fmadd(x1, s, simd::mul(x2, c)));
-        }
-      }
-    }
-  });
-}
 #endif
 
 }  // namespace
@@ -201,15 +206,6 @@ void rotary_embedding(torch::Tensor positions, torch::Tensor q, torch::Tensor k,
               cos_sin.is_contiguous());
   const auto pos = positions.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "rotary_embedding", [&] {
-#if defined(ORCA_SIMD)
-    if constexpr (kVector<scalar_t>) {
-      if (q.size(2) / 2 % simd::kLanes == 0 && q.size(2) % 2 == 0) {
-        return rotary_rows_simd(pos.data_ptr<int64_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                                cos_sin.data_ptr<scalar_t>(), q.size(0), q.stride(0), k.stride(0), q.size(1), k.size(1),
-                                q.size(2));
-      }
-    }
-#endif
     rotary_rows(pos.data_ptr<int64_t>(), raw<scalar_t>(q), raw<scalar_t>(k),
                 raw<scalar_t>(cos_sin), q.size(0), q.stride(0), k.stride(0), q.size(1), k.size(1), q.size(2));
   });
