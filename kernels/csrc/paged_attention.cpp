@@ -104,17 +104,58 @@ inline __m512bh load_pairs(const void* p) {
   return v;
 }
 
+// Query heads whose value sums one pass keeps in registers: their 2 * DIM / 32 sums each, plus a token
+// pair's DIM / 16 interleaved value vectors, within the 32 vector registers.
+template <int DIM>
+constexpr int kValueHeads = std::max(1, 16 / (DIM / 16));
+
+// o[h] += sum over the block's tokens of p[h][t] * v[t] for `NG` query heads sharing one KV head.
+// Values by pairwise dot products on two tokens at a time: rows t and t+1 interleaved element by element
+// (in unpack's lane order), times the broadcast pair (p[t], p[t+1]); each pair of rows is interleaved once,
+// in registers, for all the heads.
+template <int DIM, int NG>
+inline void accumulate_values_fixed(float* o, const uint16_t* p, int64_t padded, const c10::BFloat16* v,
+                                    int64_t row, int64_t count) {
+  constexpr int W = DIM / 32;
+  __m512 acc[NG][2 * W];
+  for (int g = 0; g < NG; ++g)
+    for (int i = 0; i < 2 * W; ++i) acc[g][i] = _mm512_loadu_ps(o + g * DIM + 16 * i);
+  for (int64_t t = 0; t < count; t += 2) {
+    __m512i x[2 * W];
+    for (int i = 0; i < W; ++i) {
+      const __m512i v0 = _mm512_loadu_si512(v + t * row + 32 * i);
+      const __m512i v1 = t + 1 < count ? _mm512_loadu_si512(v + (t + 1) * row + 32 * i) : _mm512_setzero_si512();
+      x[2 * i] = _mm512_unpacklo_epi16(v0, v1);
+      x[2 * i + 1] = _mm512_unpackhi_epi16(v0, v1);
+    }
+    for (int g = 0; g < NG; ++g) {
+      int32_t pair;
+      std::memcpy(&pair, p + g * padded + t, sizeof pair);
+      const __m512bh probability = (__m512bh)_mm512_set1_epi32(pair);
+      for (int i = 0; i < 2 * W; ++i) acc[g][i] = _mm512_dpbf16_ps(acc[g][i], probability, (__m512bh)x[i]);
+    }
+  }
+  for (int g = 0; g < NG; ++g)
+    for (int i = 0; i < 2 * W; ++i) _mm512_storeu_ps(o + g * DIM + 16 * i, acc[g][i]);
+}
+
+template <int DIM, int NG = kValueHeads<DIM>>
+inline void accumulate_values(int64_t heads, float* o, const uint16_t* p, int64_t padded, const c10::BFloat16* v,
+                              int64_t row, int64_t count) {
+  if constexpr (NG > 1)
+    if (heads < NG) return accumulate_values<DIM, NG - 1>(heads, o, p, padded, v, row, count);
+  accumulate_values_fixed<DIM, NG>(o, p, padded, v, row, count);
+}
+
 // bf16 decode by AVX512-BF16's pairwise dot products, with no widening of keys or values to float32
 // (per token and query head that widening cost more shuffles than the memory system delivers rows:
 // the float path reached half of one core's read bandwidth from the L2).
 // Scores: sixteen tokens' dot products at a time, reduced together. Values: the probabilities in bf16
-// (as FlashAttention feeds P to its second matmul), two tokens per dot product: the two value rows
-// interleaved element by element, times the pair (p[t], p[t+1]).
+// (as FlashAttention feeds P to its second matmul), two tokens per dot product (`accumulate_values`).
 template <int DIM>
 void decode_task_bf16(const Problem& P, const c10::BFloat16* q, const c10::BFloat16* k_cache,
                       const c10::BFloat16* v_cache, c10::BFloat16* out, int64_t seq, int64_t h0, int64_t h1,
-                      std::vector<float>& scores, std::vector<float>& accumulators, std::vector<uint16_t>& probs,
-                      std::vector<uint16_t>& pairs) {
+                      std::vector<float>& scores, std::vector<float>& accumulators, std::vector<uint16_t>& probs) {
   using T = c10::BFloat16;
   constexpr int W = DIM / 32;  // 32 bf16 per register
   const int64_t len = P.lens[seq], G = P.group, bs = P.block_size, row = P.kv_heads * DIM;
@@ -166,47 +207,16 @@ void decode_task_bf16(const Problem& P, const c10::BFloat16* q, const c10::BFloa
     for (; t < padded; ++t) ph[t] = t < len ? c10::BFloat16(sh[t]).x : 0;
   }
   accumulators.assign(heads * DIM, 0.f);
-  pairs.resize((bs + 1) * DIM);
   for (int64_t t0 = 0; t0 < len; t0 += bs) {
     if (kAhead > 0 && t0 + kAhead * bs < len) prefetch_block(block_of(v_cache, t0 / bs + kAhead), bs, row, width);
     const T* block = block_of(v_cache, t0 / bs);
     const int64_t count = std::min(bs, len - t0);
     for (int64_t kvh = 0; kvh < h1 - h0; ++kvh) {
-      // rows t and t+1 interleaved: pairs[t * DIM + 2d + {0, 1}] = (v[t][d], v[t+1][d]), in unpack's lane order
       const T* vp = block + kvh * DIM;
-      uint16_t* const staged = pairs.data();
-      for (int64_t t = 0; t < count; t += 2)
-        for (int i = 0; i < W; ++i) {
-          const __m512i v0 = _mm512_loadu_si512(vp + t * row + 32 * i);
-          const __m512i v1 = t + 1 < count ? _mm512_loadu_si512(vp + (t + 1) * row + 32 * i) : _mm512_setzero_si512();
-          _mm512_storeu_si512(staged + t * DIM + 64 * i, _mm512_unpacklo_epi16(v0, v1));
-          _mm512_storeu_si512(staged + t * DIM + 64 * i + 32, _mm512_unpackhi_epi16(v0, v1));
-        }
-      for (int64_t g = 0; g < G; ++g) {
+      for (int64_t g = 0; g < G; g += kValueHeads<DIM>) {
         const int64_t h = kvh * G + g;
-        float* o = accumulators.data() + h * DIM;
-        // two sets of sums, for alternate token pairs: one set alone waits on the dot product's latency
-        __m512 acc[2][2 * W];
-        for (int i = 0; i < 2 * W; ++i) acc[0][i] = _mm512_loadu_ps(o + 16 * i), acc[1][i] = _mm512_setzero_ps();
-        const uint16_t* ph = probs.data() + h * padded + t0;
-        int64_t t = 0;
-        for (; t + 4 <= count; t += 4)
-          for (int u = 0; u < 2; ++u) {
-            int32_t pair;
-            std::memcpy(&pair, ph + t + 2 * u, sizeof pair);
-            const __m512bh p = (__m512bh)_mm512_set1_epi32(pair);
-            const uint16_t* x = staged + (t + 2 * u) * DIM;
-            for (int i = 0; i < 2 * W; ++i)
-              acc[u][i] = _mm512_dpbf16_ps(acc[u][i], p, load_pairs(x + 32 * i));
-          }
-        for (; t < count; t += 2) {
-          int32_t pair;
-          std::memcpy(&pair, ph + t, sizeof pair);
-          const __m512bh p = (__m512bh)_mm512_set1_epi32(pair);
-          const uint16_t* x = staged + t * DIM;
-          for (int i = 0; i < 2 * W; ++i) acc[0][i] = _mm512_dpbf16_ps(acc[0][i], p, load_pairs(x + 32 * i));
-        }
-        for (int i = 0; i < 2 * W; ++i) _mm512_storeu_ps(o + 16 * i, _mm512_add_ps(acc[0][i], acc[1][i]));
+        accumulate_values<DIM>(std::min<int64_t>(kValueHeads<DIM>, G - g), accumulators.data() + h * DIM,
+                               probs.data() + h * padded + t0, padded, vp, row, count);
       }
     }
   }
@@ -341,13 +351,13 @@ void decode(const Problem& P, const T* q, const T* k_cache, const T* v_cache, T*
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, num_tasks), 1, [&](int64_t, int64_t) {
     std::vector<float> scores, accumulators;
-    [[maybe_unused]] std::vector<uint16_t> probs, pairs;
+    [[maybe_unused]] std::vector<uint16_t> probs;
     for (int64_t task = next++; task < num_tasks; task = next++) {
       const int64_t seq = order[task / parts], part = task % parts;
       const int64_t h0 = part * P.kv_heads / parts, h1 = (part + 1) * P.kv_heads / parts;
 #if defined(__AVX512BF16__)
       if constexpr (std::is_same_v<T, c10::BFloat16> && DIM % 32 == 0) {
-        decode_task_bf16<DIM>(P, q, k_cache, v_cache, out, seq, h0, h1, scores, accumulators, probs, pairs);
+        decode_task_bf16<DIM>(P, q, k_cache, v_cache, out, seq, h0, h1, scores, accumulators, probs);
         continue;
       }
 #endif
