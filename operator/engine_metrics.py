@@ -10,7 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from . import autoscaler, render
 
-SCRAPE_TIMEOUT_SECONDS = 1.0
+# A CPU engine on a node its replicas share can take a while to answer; Prometheus allows 10s
+SCRAPE_TIMEOUT_SECONDS = 3.0
 
 
 @dataclass(frozen=True)

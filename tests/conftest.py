@@ -1,6 +1,7 @@
 """Shared fixtures: the bundled model's path and a float32 transformers reference built from the same GGUF."""
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import subprocess
@@ -33,6 +34,22 @@ PROMPTS = [
     SYSTEM + "\nQuestion: why does continuous batching raise GPU utilisation?\nAnswer:",
 ]
 NEW_TOKENS = 32
+# A hang must cost minutes, not CI's whole budget: past these, the stacks are printed and the run ends.
+TEST_TIMEOUT_S = 1500  # one test with its fixtures' set-up (a cold dev cluster builds kernels)
+EXIT_TIMEOUT_S = 300  # from the summary to the process's end (threads a failed test left behind)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    faulthandler.dump_traceback_later(TEST_TIMEOUT_S, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def pytest_unconfigure(config) -> None:
+    faulthandler.dump_traceback_later(EXIT_TIMEOUT_S, exit=True)
 
 
 @pytest.fixture(scope="session")
