@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import httpx
 
@@ -40,7 +41,7 @@ EXIT_TIMEOUT_S = 300  # from the summary to the process's end (threads a failed 
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item, nextitem):
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     faulthandler.dump_traceback_later(TEST_TIMEOUT_S, exit=True)
     try:
         yield
@@ -48,7 +49,7 @@ def pytest_runtest_protocol(item, nextitem):
         faulthandler.cancel_dump_traceback_later()
 
 
-def pytest_unconfigure(config) -> None:
+def pytest_unconfigure(config: pytest.Config) -> None:
     faulthandler.dump_traceback_later(EXIT_TIMEOUT_S, exit=True)
 
 

@@ -159,7 +159,8 @@ class StatusLog:
 
     def __init__(self, objects: client.CustomObjectsApi, core: client.CoreV1Api, name: str) -> None:
         self.objects, self.core, self.name = objects, core, name
-        self.started, self.lines, self.stop = time.monotonic(), [], threading.Event()
+        self.started, self.stop = time.monotonic(), threading.Event()
+        self.lines: list[str] = []
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
@@ -178,7 +179,7 @@ class StatusLog:
                 last = line
 
     def report(self) -> str:
-        operator = [p for p in pods(self.core, "app.kubernetes.io/name=orca-operator", "orca-system")]
+        operator = pods(self.core, "app.kubernetes.io/name=orca-operator", "orca-system")
         tail = ""
         if operator:
             log = self.core.read_namespaced_pod_log(operator[0].metadata.name, "orca-system", tail_lines=5000)
@@ -202,7 +203,7 @@ def measured_capacity(url: str, expected: dict[tuple[str, int], str], batch: int
 def test_autoscaling_up_under_load_and_down_without_losing_a_request(objects, dev_core) -> None:
     deploy(objects, "auto", replicas=1,
            autoscaling={"enabled": True, "minReplicas": 1, "maxReplicas": 3, "metric": "requestsWaiting", "target": 2,
-                        "scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": 20,
+                        "scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": 30,
                         "drainTimeoutSeconds": 90},
            engine={"maxBatchSize": 2, "kvCacheMemory": "256MiB", "args": ["--batch-invariant"]})
     wait_for("1 ready replica", lambda: status(objects, "auto").get("readyReplicas") == 1, timeout=420)
@@ -223,9 +224,10 @@ def scale_up_and_down(objects: client.CustomObjectsApi, dev_core: client.CoreV1A
     expected = {(prompt, max_tokens): chat(direct, prompt, max_tokens=max_tokens)
                 for prompt in PROMPTS for max_tokens in (24, 64)}
     load = Load(url, expected)
-    # 1.5x what one replica answers with its batch full, at most 4/s: a queue builds for the autoscaler
-    # on any machine, and the replicas sharing its CPUs clear it once the load stops.
-    rate = min(4.0, 1.5 * measured_capacity(direct, expected))
+    # 2.5x what one replica answers with its batch full, at most 6/s: a queue builds for the autoscaler
+    # on any machine and lasts while the new replicas share its CPUs (at 1.5x two replicas cleared it, and
+    # the scale-down this test watches for came during the load), and they clear it once the load stops.
+    rate = min(6.0, 2.5 * measured_capacity(direct, expected))
     assert replicas(objects, "auto") == 1  # the scale-up to come is the load's doing
 
     load_started, heavy_stop = time.monotonic(), threading.Event()
